@@ -1,0 +1,1 @@
+"""catalog: the versioned dataset catalog of ctfactory (plain library, no Prefect)."""

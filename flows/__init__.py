@@ -1,0 +1,1 @@
+"""flows: Prefect flows and tasks of ctfactory, plus the ``ctfactory`` command line."""

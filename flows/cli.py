@@ -1,0 +1,71 @@
+"""The ``ctfactory`` command line: turns arguments into typed objects and calls flows or libraries.
+
+Sub-command groups live in their own modules (``flows.cli_*``); each exposes
+``register(subparsers)`` that adds its parsers with a ``func`` default taking the parsed namespace
+and returning an exit code. Bad input exits with code 2 and one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that add sub-commands; each must define register(subparsers).
+_COMMAND_MODULES = (
+    "flows.cli_generate",
+    "flows.cli_catalog",
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every available sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="ctfactory",
+        description="Synthetic 3D CT dataset factory on NVIDIA MAISI.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    from maisi_core.errors import MaisiError
+
+    bad_input: tuple[type[BaseException], ...] = (MaisiError,)
+    try:
+        from catalog.errors import CatalogError
+
+        bad_input += (CatalogError,)
+    except ImportError:  # pragma: no cover - catalog is part of the distribution
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except bad_input as exc:
+        print(f"ctfactory {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
