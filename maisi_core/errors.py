@@ -57,3 +57,31 @@ def did_you_mean(value: object, choices: Iterable[object], *, n: int = 1) -> str
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+class ImageError(MaisiError, ValueError):
+    """Raised when an image volume has the wrong dimensionality or dtype, or non-finite values."""
+
+
+class AffineError(MaisiError, ValueError):
+    """Raised when an affine is not a finite, invertible 4x4 matrix or two affines disagree."""
+
+
+class OutputExistsError(MaisiError, FileExistsError):
+    """Raised when a write would replace an existing file and ``overwrite=False``."""
+
+
+class VolumeFileError(MaisiError, ValueError):
+    """Raised when a file is not a readable 3D NIfTI volume of the expected kind."""
+
+
+class VolumeNotFoundError(MaisiError, FileNotFoundError):
+    """Raised when a volume file to read does not exist."""
+
+
+class QCConfigError(MaisiError, ValueError):
+    """Raised when QC thresholds name an unknown organ or give an invalid HU range."""
+
+
+class FeatureError(MaisiError, ValueError):
+    """Raised when feature sets or volumes passed to a metric have incompatible shapes or values."""
