@@ -1,0 +1,334 @@
+"""Model directories (one folder per network + an index) and conversion of official MAISI checkpoints.
+
+Layout of a model directory::
+
+    model_index.json          name, format version, pipeline config, scale factor, HU range,
+                              label dictionary version, licence, sha256 of every file
+    vae/config.json           AutoencoderConfig fields
+    vae/model.safetensors
+    unet/config.json          DiffusionUNetConfig fields
+    unet/model.safetensors
+    controlnet/config.json    ControlNetConfig fields
+    controlnet/model.safetensors
+
+Weights are only ever read from safetensors, or from the official ``.pt`` files with
+``torch.load(weights_only=True)``; a pickle that needs anything more is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from maisi_core import labels
+from maisi_core.config import (
+    AutoencoderConfig,
+    ControlNetConfig,
+    DiffusionUNetConfig,
+    PipelineConfig,
+)
+from maisi_core.errors import UnsafeCheckpointError, WeightsError, WeightsNotFoundError
+from maisi_core.networks import build_controlnet, build_unet, build_vae
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_NAME = "model_index.json"
+WEIGHTS_NAME = "model.safetensors"
+COMPONENTS = ("vae", "unet", "controlnet")
+_CONFIG_TYPES = {"vae": AutoencoderConfig, "unet": DiffusionUNetConfig, "controlnet": ControlNetConfig}
+_BUILDERS = {"vae": build_vae, "unet": build_unet, "controlnet": build_controlnet}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Networks, config and provenance read from a model directory."""
+
+    config: PipelineConfig
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    scale_factor: float
+    digest: str
+    index: dict[str, Any]
+
+
+def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_of(files: dict[str, str]) -> str:
+    """The model digest: sha256 over the sorted (path, file sha256) pairs."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def packaged_model_path(name: str) -> Path | None:
+    """Return the folder of a model shipped inside the package (``default``), or None if absent."""
+    root = resources.files("maisi_core").joinpath("models", name)
+    path = Path(str(root))
+    return path if (path / INDEX_NAME).is_file() else None
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """Return the directory for a model path or a packaged model name such as ``"default"``."""
+    p = Path(path)
+    if not p.exists() and isinstance(path, str) and os.sep not in path:
+        packaged = packaged_model_path(path)
+        if packaged is not None:
+            return packaged
+    return p
+
+
+def save_model_dir(
+    path: str | Path,
+    config: PipelineConfig,
+    modules: dict[str, torch.nn.Module],
+    *,
+    scale_factor: float,
+    name: str,
+    extra_index: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a model directory atomically (temp dir + rename) and return the model digest."""
+    dest = Path(path)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise WeightsError(
+            f"save_model_dir expects an empty or new directory, but got path={str(dest)!r} with files in it. "
+            "Pass overwrite=True or choose another path."
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        files: dict[str, str] = {}
+        for comp in COMPONENTS:
+            cfg = getattr(config, comp)
+            (tmp / comp).mkdir()
+            (tmp / comp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in modules[comp].state_dict().items()}
+            save_file(state, str(tmp / comp / WEIGHTS_NAME), metadata={"component": comp, "format": "pt"})
+            for fname in ("config.json", WEIGHTS_NAME):
+                files[f"{comp}/{fname}"] = sha256_file(tmp / comp / fname)
+        index = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "pipeline_config": {k: v for k, v in config.to_dict().items() if k not in COMPONENTS},
+            "scale_factor": float(scale_factor),
+            "intensity_range_hu": list(config.intensity_range_hu),
+            "label_dict_version": labels.LABEL_DICT_VERSION,
+            "licence": config.licence,
+            "files": files,
+            "digest": _digest_of(files),
+            **(extra_index or {}),
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index["digest"]
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """Read and check the index of a model directory."""
+    root = resolve_model_path(path)
+    index_path = root / INDEX_NAME
+    if not index_path.is_file():
+        raise WeightsNotFoundError(
+            f"load_model_dir expects a model directory with {INDEX_NAME}, but got path={str(path)!r} "
+            f"without it. Write one with MaisiPipeline.save_pretrained or convert official checkpoints."
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(
+            f"load_model_dir expects {INDEX_NAME} to be JSON, but got a parse error at line {exc.lineno}: {exc.msg}."
+        ) from exc
+    if index.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(
+            f"load_model_dir expects format_version={FORMAT_VERSION}, but got "
+            f"format_version={index.get('format_version')!r} in {index_path}."
+        )
+    return index
+
+
+def verify_model_dir(path: str | Path) -> dict[str, Any]:
+    """Check every file of a model directory exists and matches its recorded sha256; return the index."""
+    root = resolve_model_path(path)
+    index = read_index(root)
+    files = index.get("files", {})
+    for comp in COMPONENTS:
+        for fname in ("config.json", WEIGHTS_NAME):
+            rel = f"{comp}/{fname}"
+            if rel not in files:
+                raise WeightsError(f"load_model_dir expects {INDEX_NAME} to list {rel}, but got files={sorted(files)}.")
+    for rel, expected in files.items():
+        file = root / rel
+        if not file.is_file():
+            raise WeightsNotFoundError(
+                f"load_model_dir expects the file {rel} listed in {INDEX_NAME}, but got a missing file at {file}."
+            )
+        actual = sha256_file(file)
+        if actual != expected:
+            raise WeightsError(
+                f"load_model_dir expects {rel} to have sha256 {expected[:16]}…, but got sha256={actual[:16]}…. "
+                "The file was altered or corrupted; restore it or re-save the model."
+            )
+    if index.get("digest") != _digest_of(files):
+        raise WeightsError(f"load_model_dir expects the index digest to match its files, but got digest={index.get('digest')!r}.")
+    return index
+
+
+def load_model_dir(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load and verify a model directory; build the networks and load their weights strictly."""
+    root = resolve_model_path(path)
+    index = verify_model_dir(root)
+    parts: dict[str, Any] = {}
+    modules: dict[str, torch.nn.Module] = {}
+    for comp in COMPONENTS:
+        cfg = _CONFIG_TYPES[comp].from_dict(json.loads((root / comp / "config.json").read_text()))
+        parts[comp] = cfg
+        module = _BUILDERS[comp](cfg, "cpu")
+        state = load_file(str(root / comp / WEIGHTS_NAME), device="cpu")
+        load_state_strict(module, state, who=f"load_model_dir[{comp}]")
+        modules[comp] = module.to(device).eval()
+    config = PipelineConfig.from_dict({**index["pipeline_config"], **{c: parts[c].to_dict() for c in COMPONENTS}})
+    config = config.replace(scale_factor=float(index["scale_factor"]))
+    return LoadedModel(config=config, scale_factor=float(index["scale_factor"]), digest=index["digest"],
+                       index=index, **modules)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, who: str) -> None:
+    """Load a state dict, raising a WeightsError naming missing/unexpected keys or mismatched shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape_bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shape_bad:
+        detail = []
+        if missing:
+            detail.append(f"missing={missing[:3]}{'…' if len(missing) > 3 else ''} ({len(missing)})")
+        if unexpected:
+            detail.append(f"unexpected={unexpected[:3]}{'…' if len(unexpected) > 3 else ''} ({len(unexpected)})")
+        if shape_bad:
+            k = shape_bad[0]
+            detail.append(f"shape {k}: {tuple(state[k].shape)} vs architecture {tuple(own[k].shape)} ({len(shape_bad)})")
+        raise WeightsError(
+            f"{who} expects weights of the configured architecture, but got a state dict with "
+            + "; ".join(detail) + ". Check the preset/config matches the checkpoint."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official MAISI checkpoints (.pt) → model directory.
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """Load a ``.pt`` checkpoint with ``weights_only=True``; refuse anything that needs full unpickling."""
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsNotFoundError(f"load_torch_checkpoint expects an existing file, but got path={str(path)!r}.")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"load_torch_checkpoint expects a weights-only checkpoint (tensors, dicts, numbers), but got "
+            f"path={file.name!r} that needs arbitrary pickled objects; it was not loaded. "
+            "Re-save it as a plain state dict (torch.save(model.state_dict(), ...))."
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise WeightsError(
+            f"load_torch_checkpoint expects a readable torch checkpoint, but got path={file.name!r}: {exc}"
+        ) from exc
+
+
+def _state_dict_from(ckpt: Any, keys: tuple[str, ...], *, who: str) -> dict[str, torch.Tensor]:
+    if isinstance(ckpt, dict):
+        for key in keys:
+            if key in ckpt and isinstance(ckpt[key], dict):
+                return ckpt[key]
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt
+    raise WeightsError(
+        f"{who} expects a state dict or a dict with one of {list(keys)}, but got "
+        f"keys={sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__}."
+    )
+
+
+def convert_maisi_checkpoints(
+    *,
+    config: PipelineConfig,
+    autoencoder: str | Path,
+    diffusion_unet: str | Path,
+    controlnet: str | Path,
+    dest: str | Path,
+    name: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Convert the official MAISI ``.pt`` files into a model directory; return the model digest.
+
+    The autoencoder file is a raw state dict (or ``{"unet_state_dict": ...}``); the diffusion file holds
+    ``unet_state_dict`` and ``scale_factor``; the ControlNet file holds ``controlnet_state_dict``. As
+    upstream does, the ControlNet is first filled from the diffusion UNet's weights and then overlaid
+    with its own (its own file need not repeat the shared encoder weights).
+    """
+    from monai.networks.utils import copy_model_state
+
+    vae = build_vae(config.vae, "cpu")
+    unet = build_unet(config.unet, "cpu")
+    cnet = build_controlnet(config.controlnet, "cpu")
+
+    vae_state = _state_dict_from(load_torch_checkpoint(autoencoder), ("unet_state_dict", "state_dict"),
+                                 who="convert_maisi_checkpoints[autoencoder]")
+    load_state_strict(vae, vae_state, who="convert_maisi_checkpoints[autoencoder]")
+
+    unet_ckpt = load_torch_checkpoint(diffusion_unet)
+    unet_state = _state_dict_from(unet_ckpt, ("unet_state_dict",), who="convert_maisi_checkpoints[diffusion_unet]")
+    load_state_strict(unet, unet_state, who="convert_maisi_checkpoints[diffusion_unet]")
+    scale = unet_ckpt.get("scale_factor", config.scale_factor) if isinstance(unet_ckpt, dict) else config.scale_factor
+    scale_factor = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+
+    copy_model_state(cnet, unet.state_dict())
+    c_state = _state_dict_from(load_torch_checkpoint(controlnet), ("controlnet_state_dict",),
+                               who="convert_maisi_checkpoints[controlnet]")
+    own = cnet.state_dict()
+    unexpected = sorted(set(c_state) - set(own))
+    shape_bad = sorted(k for k in set(c_state) & set(own) if tuple(c_state[k].shape) != tuple(own[k].shape))
+    if unexpected or shape_bad:
+        raise WeightsError(
+            "convert_maisi_checkpoints[controlnet] expects weights of the configured ControlNet, but got "
+            f"unexpected={unexpected[:3]} shape_mismatch={shape_bad[:3]}. Check the preset matches the checkpoint."
+        )
+    cnet.load_state_dict(c_state, strict=False)
+
+    return save_model_dir(
+        dest, config.replace(scale_factor=scale_factor), {"vae": vae, "unet": unet, "controlnet": cnet},
+        scale_factor=scale_factor, name=name or config.name, overwrite=overwrite,
+        extra_index={"converted_from": {
+            "autoencoder": sha256_file(autoencoder),
+            "diffusion_unet": sha256_file(diffusion_unet),
+            "controlnet": sha256_file(controlnet),
+        }},
+    )
