@@ -1,0 +1,285 @@
+"""Exports of a dataset version: nnU-Net v2, MSD/MONAI datalist, and Croissant JSON-LD.
+
+Only passing samples are exported. Files are copied (hard-linked when source and destination are
+on the same local filesystem), never moved. An export refuses to write into a non-empty
+destination unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pyarrow.compute as pc
+
+from catalog import _fs
+from catalog.croissant import build_croissant
+from catalog.errors import ExportError, ExportExistsError
+from catalog.store import Catalog
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS: tuple[str, ...] = ("nnunet", "msd", "croissant")
+FILE_ENDING = ".nii.gz"
+_SUBDIRS = ("imagesTr", "labelsTr", "data")
+_FILES = ("dataset.json", "croissant.json", "samples.csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    format: str
+    path: Path
+    version: int
+    num_cases: int
+    label_ids: dict[int, int]  # exported label ID -> MAISI label ID
+
+
+def passing_rows(catalog: Catalog, *, as_of: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Return the ``samples`` version and its passing rows, sorted by ``sample_id``.
+
+    Raises:
+        ExportError: When the version has no passing samples.
+    """
+    version = catalog.delta_table("samples", version=as_of).version()
+    table = catalog.read_table("samples", as_of=version)
+    table = table.filter(pc.and_(pc.equal(table["status"], "passed"), pc.equal(table["qc_pass"], True)))
+    if table.num_rows == 0:
+        raise ExportError(f"export expects at least one passing sample, but got 0 at version={version}.")
+    return version, sorted(table.to_pylist(), key=lambda r: r["sample_id"])
+
+
+def prepare_destination(dest: str | Path, *, overwrite: bool) -> Path:
+    """Create ``dest``; refuse a non-empty one unless ``overwrite`` (then clear the export's own files).
+
+    Raises:
+        ExportExistsError: When ``dest`` is not empty and ``overwrite`` is False.
+        ExportError: When ``dest`` is an existing file.
+    """
+    path = Path(dest)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"export expects --dest to be a directory, but got dest={str(path)!r} (a file).")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise ExportExistsError(
+                f"export expects an empty or new destination, but got dest={str(path)!r} with files. "
+                f"Pass overwrite=True (--overwrite) to replace the export."
+            )
+        for child in path.iterdir():
+            if child.is_dir() and (child.name in _SUBDIRS or child.name.startswith("Dataset")):
+                shutil.rmtree(child)
+            elif child.name in _FILES:
+                child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def case_name(sample_id: str) -> str:
+    """Return a file-system-safe case identifier for ``sample_id``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id)
+
+
+def _place(catalog: Catalog, uri: str, target: Path) -> None:
+    """Hard-link ``uri`` to ``target`` on the same local filesystem, else copy it."""
+    source = _fs.resolve_uri(catalog.root_uri, uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not _fs.is_remote(source):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            shutil.copy2(source, target)
+            return
+    fs, path = _fs.filesystem(source, catalog.storage_options)
+    fs.get(path, str(target))
+
+
+def load_nifti(catalog: Catalog, uri: str) -> nib.Nifti1Image:
+    """Load a NIfTI volume from a local path or remote URI relative to the catalog root."""
+    source = _fs.resolve_uri(catalog.root_uri, uri)
+    if not _fs.is_remote(source):
+        return nib.load(source)
+    fs, path = _fs.filesystem(source, catalog.storage_options)
+    data = fs.cat_file(path)
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    return nib.Nifti1Image.from_bytes(data)
+
+
+def collect_label_ids(catalog: Catalog, rows: list[dict[str, Any]]) -> list[int]:
+    """Return the sorted non-background MAISI label IDs present in the rows' label files."""
+    present: set[int] = set()
+    for row in rows:
+        data = np.asanyarray(load_nifti(catalog, row["label_uri"]).dataobj)
+        present.update(int(v) for v in np.unique(data))
+    present.discard(0)
+    return sorted(present)
+
+
+def _label_names(maisi_ids: list[int]) -> dict[int, str]:
+    from maisi_core.errors import LabelNameError
+    from maisi_core.labels import label_name
+
+    names = {}
+    for lid in maisi_ids:
+        try:
+            names[lid] = label_name(lid)
+        except LabelNameError as exc:
+            raise ExportError(f"export expects MAISI label IDs in the label files, but got label={lid}. {exc}") from exc
+    return names
+
+
+def _check_file_ending(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        for key in ("image_uri", "label_uri"):
+            if not row[key].endswith(FILE_ENDING):
+                raise ExportError(f"export expects {FILE_ENDING} files, but got {key}={row[key]!r} "
+                                  f"for sample_id={row['sample_id']!r}.")
+
+
+def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, dataset_id: int = 500,
+                  name: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Write ``dest/DatasetNNN_Name`` in nnU-Net v2 raw layout with consecutive label IDs.
+
+    Args:
+        catalog: The catalog to export.
+        dest: The nnU-Net raw directory to write the dataset folder into.
+        as_of: A ``samples`` version; latest when None.
+        dataset_id: nnU-Net dataset ID, 1-999 (1-10 are taken by MSD).
+        name: Dataset name (letters, digits, ``_``); the catalog's dataset name when None.
+        overwrite: Replace an existing export in ``dest``.
+
+    Returns:
+        An :class:`ExportResult` whose ``label_ids`` maps nnU-Net IDs back to MAISI IDs.
+    """
+    if not 1 <= int(dataset_id) <= 999:
+        raise ExportError(f"export_nnunet expects dataset_id in 1..999, but got dataset_id={dataset_id}.")
+    version, rows = passing_rows(catalog, as_of=as_of)
+    _check_file_ending(rows)
+    name = re.sub(r"[^A-Za-z0-9]", "", (name or rows[0]["dataset"] or "Synthetic").title()) or "Synthetic"
+    folder = prepare_destination(dest, overwrite=overwrite) / f"Dataset{int(dataset_id):03d}_{name}"
+    maisi_ids = collect_label_ids(catalog, rows)
+    names = _label_names(maisi_ids)
+    lut = np.zeros(max(maisi_ids + [0]) + 1, dtype=np.uint16)
+    for new_id, old_id in enumerate(maisi_ids, start=1):
+        lut[old_id] = new_id
+    dtype = np.uint8 if len(maisi_ids) < 256 else np.uint16
+    for row in rows:
+        case = case_name(row["sample_id"])
+        _place(catalog, row["image_uri"], folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
+        label = load_nifti(catalog, row["label_uri"])
+        remapped = lut[np.asanyarray(label.dataobj).astype(np.int64)].astype(dtype)
+        out = nib.Nifti1Image(remapped, label.affine, label.header)
+        out.set_data_dtype(dtype)
+        (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+        nib.save(out, str(folder / "labelsTr" / f"{case}{FILE_ENDING}"))
+    labels = {"background": 0} | {names[old]: new for new, old in enumerate(maisi_ids, start=1)}
+    meta = {
+        "name": name, "description": f"Synthetic CT from {rows[0]['model_name']} (ctfactory)",
+        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(rows),
+        "file_ending": FILE_ENDING,
+        "maisi_label_ids": {str(new): old for new, old in enumerate(maisi_ids, start=1)},
+        "ctfactory": _provenance(catalog, rows, version),
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    logger.info("export_nnunet: %d cases to %s", len(rows), folder)
+    return ExportResult("nnunet", folder, version, len(rows), {new: old for new, old in enumerate(maisi_ids, start=1)})
+
+
+def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
+               overwrite: bool = False) -> ExportResult:
+    """Write an MSD-style ``dataset.json`` datalist (MONAI ``load_decathlon_datalist``) with files.
+
+    Labels keep their MAISI IDs; ``labels`` names the IDs present.
+    """
+    version, rows = passing_rows(catalog, as_of=as_of)
+    folder = prepare_destination(dest, overwrite=overwrite)
+    maisi_ids = collect_label_ids(catalog, rows)
+    names = _label_names(maisi_ids)
+    training = []
+    for row in rows:
+        case = case_name(row["sample_id"])
+        image = f"imagesTr/{case}{FILE_ENDING}"
+        label = f"labelsTr/{case}{FILE_ENDING}"
+        _place(catalog, row["image_uri"], folder / image)
+        _place(catalog, row["label_uri"], folder / label)
+        training.append({
+            "image": f"./{image}", "label": f"./{label}", "sample_id": row["sample_id"],
+            "dim": row["output_size"], "spacing": row["spacing_mm"], "body_region": row["body_region"],
+            "seed": row["seed"], "cohort": row["cohort"],
+        })
+    meta = {
+        "name": rows[0]["dataset"], "description": f"Synthetic CT from {rows[0]['model_name']} (ctfactory)",
+        "reference": "ctfactory / NVIDIA MAISI", "licence": _licence(catalog, version),
+        "release": rows[0]["dataset_version"], "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "labels": {"0": "background"} | {str(i): names[i] for i in maisi_ids},
+        "numTraining": len(rows), "numTest": 0, "training": training, "test": [],
+        "ctfactory": _provenance(catalog, rows, version),
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    logger.info("export_msd: %d cases to %s", len(rows), folder)
+    return ExportResult("msd", folder, version, len(rows), {i: i for i in maisi_ids})
+
+
+def export_croissant(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
+                     overwrite: bool = False) -> ExportResult:
+    """Write ``croissant.json`` (Croissant 1.0 JSON-LD), ``samples.csv`` and the files under ``data/``."""
+    version, rows = passing_rows(catalog, as_of=as_of)
+    folder = prepare_destination(dest, overwrite=overwrite)
+    for row in rows:
+        case = case_name(row["sample_id"])
+        row["image_path"] = f"data/images/{case}{FILE_ENDING}"
+        row["label_path"] = f"data/labels/{case}{FILE_ENDING}"
+        _place(catalog, row["image_uri"], folder / row["image_path"])
+        _place(catalog, row["label_uri"], folder / row["label_path"])
+    document = build_croissant(folder, rows, provenance=_provenance(catalog, rows, version),
+                               licence=_licence(catalog, version))
+    (folder / "croissant.json").write_text(json.dumps(document, indent=2))
+    logger.info("export_croissant: %d cases to %s", len(rows), folder)
+    return ExportResult("croissant", folder, version, len(rows), {})
+
+
+def export_dataset(catalog: Catalog, dest: str | Path, *, format: str, as_of: int | None = None,
+                   dataset_id: int = 500, overwrite: bool = False) -> ExportResult:
+    """Export in ``format`` (one of ``EXPORT_FORMATS``); see the format-specific functions."""
+    if format == "nnunet":
+        return export_nnunet(catalog, dest, as_of=as_of, dataset_id=dataset_id, overwrite=overwrite)
+    if format == "msd":
+        return export_msd(catalog, dest, as_of=as_of, overwrite=overwrite)
+    if format == "croissant":
+        return export_croissant(catalog, dest, as_of=as_of, overwrite=overwrite)
+    raise ExportError(f"export expects format in {list(EXPORT_FORMATS)}, but got format={format!r}.")
+
+
+def _licence(catalog: Catalog, version: int) -> str:
+    if catalog.exists("datasets"):
+        rows = catalog.read_table("datasets", as_of=version).to_pylist()
+        licences = [r["licence"] for r in rows if r.get("licence")]
+        if licences:
+            return licences[-1]
+    return "unspecified (see the generator model's licence)"
+
+
+def _provenance(catalog: Catalog, rows: list[dict[str, Any]], version: int) -> dict[str, Any]:
+    """Return the generation provenance shared by every export (synthetic data, model, spec)."""
+    def distinct(key: str) -> list[Any]:
+        return sorted({r[key] for r in rows if r.get(key) is not None})
+
+    seeds = distinct("seed")
+    return {
+        "synthetic": True, "generator": "ctfactory (NVIDIA MAISI)", "catalog_root": catalog.root_uri,
+        "catalog_version": version, "dataset": distinct("dataset"), "dataset_version": distinct("dataset_version"),
+        "spec_id": distinct("spec_id"), "model_name": distinct("model_name"),
+        "model_digest": distinct("model_digest"), "code_version": distinct("code_version"),
+        "seed_range": [seeds[0], seeds[-1]] if seeds else None,
+    }

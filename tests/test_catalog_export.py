@@ -1,0 +1,111 @@
+"""Exports: nnU-Net v2 (consecutive labels), MSD datalist (MONAI loadable), Croissant JSON-LD."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_catalog_support import make_failed_record, write_case
+
+from catalog.errors import ExportError, ExportExistsError
+from catalog.export import export_croissant, export_dataset, export_msd, export_nnunet
+from catalog.store import open_catalog
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "root"
+    cat = open_catalog(root)
+    cat.append_samples([write_case(root, 0, label_ids=(1, 26, 200)), write_case(root, 1, label_ids=(5, 200)),
+                        make_failed_record(2)])
+    cat.append_dataset({"dataset": "demo", "dataset_version": "1", "licence": "CC-BY-4.0"})
+    return root
+
+
+def test_export_nnunet_layout_and_consecutive_labels(root, tmp_path):
+    result = export_nnunet(open_catalog(root), tmp_path / "raw", dataset_id=42)
+    folder = tmp_path / "raw" / "Dataset042_Demo"
+    assert result.path == folder and result.num_cases == 2
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == ["case_0000_0000.nii.gz", "case_0001_0000.nii.gz"]
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == ["case_0000.nii.gz", "case_0001.nii.gz"]
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT"} and meta["numTraining"] == 2 and meta["file_ending"] == ".nii.gz"
+    assert meta["labels"] == {"background": 0, "liver": 1, "right kidney": 2, "hepatic tumor": 3, "body": 4}
+    assert meta["maisi_label_ids"] == {"1": 1, "2": 5, "3": 26, "4": 200}
+    assert result.label_ids == {1: 1, 2: 5, 3: 26, 4: 200}
+    original = np.asanyarray(nib.load(root / "labels" / "case_0000.nii.gz").dataobj)
+    remapped = np.asanyarray(nib.load(folder / "labelsTr" / "case_0000.nii.gz").dataobj)
+    assert sorted(np.unique(remapped).tolist()) == [0, 1, 3, 4]
+    lut = {0: 0, 1: 1, 26: 3, 200: 4}
+    assert np.array_equal(remapped, np.vectorize(lut.get)(original))
+    # Images are linked or copied with identical bytes; the source stays in place.
+    src = root / "images" / "case_0000.nii.gz"
+    assert src.exists() and (folder / "imagesTr" / "case_0000_0000.nii.gz").read_bytes() == src.read_bytes()
+
+
+def test_export_refuses_non_empty_destination_unless_overwrite(root, tmp_path):
+    dest = tmp_path / "raw"
+    export_nnunet(open_catalog(root), dest, dataset_id=42)
+    with pytest.raises(ExportExistsError, match=r"export expects an empty or new destination, but got dest=.*raw"):
+        export_nnunet(open_catalog(root), dest, dataset_id=42)
+    result = export_nnunet(open_catalog(root), dest, dataset_id=42, overwrite=True)
+    assert result.num_cases == 2
+    with pytest.raises(ExportError, match=r"dataset_id in 1..999, but got dataset_id=1000"):
+        export_nnunet(open_catalog(root), tmp_path / "other", dataset_id=1000)
+
+
+def test_export_msd_loads_with_monai(root, tmp_path):
+    from monai.data import load_decathlon_datalist
+
+    dest = tmp_path / "msd"
+    export_msd(open_catalog(root), dest)
+    items = load_decathlon_datalist(str(dest / "dataset.json"), is_segmentation=True,
+                                    data_list_key="training", base_dir=str(dest))
+    assert len(items) == 2
+    assert items[0]["image"] == str(dest / "imagesTr" / "case_0000.nii.gz")
+    assert nib.load(items[1]["label"]).shape == (8, 8, 8)
+    meta = json.loads((dest / "dataset.json").read_text())
+    assert meta["labels"] == {"0": "background", "1": "liver", "5": "right kidney", "26": "hepatic tumor", "200": "body"}
+    assert meta["modality"] == {"0": "CT"} and meta["licence"] == "CC-BY-4.0"
+    assert meta["ctfactory"]["synthetic"] is True
+
+
+def test_export_croissant_has_hashes_recordset_and_synthetic_fields(root, tmp_path):
+    dest = tmp_path / "croissant"
+    export_croissant(open_catalog(root), dest)
+    doc = json.loads((dest / "croissant.json").read_text())
+    assert doc["@type"] == "sc:Dataset" and doc["conformsTo"] == "http://mlcommons.org/croissant/1.0"
+    files = {f["@id"]: f for f in doc["distribution"]}
+    assert set(files) == {"samples.csv", "data/images/case_0000.nii.gz", "data/labels/case_0000.nii.gz",
+                          "data/images/case_0001.nii.gz", "data/labels/case_0001.nii.gz"}
+    image = dest / "data/images/case_0001.nii.gz"
+    assert files["data/images/case_0001.nii.gz"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert doc["rai:hasSyntheticData"] is True and doc["rai:dataCollectionType"] == ["Synthetic"]
+    assert doc["ctfactory:generator"]["model_name"] == ["maisi-tiny"]
+    assert doc["ctfactory:generator"]["spec_id"] == ["spec-abc123"]
+    (record_set,) = doc["recordSet"]
+    assert record_set["key"] == {"@id": "samples/sample_id"}
+    assert {f["name"] for f in record_set["field"]} >= {"sample_id", "image_path", "seed", "spec_id", "model_digest"}
+    rows = list(csv.DictReader((dest / "samples.csv").open()))
+    assert [r["sample_id"] for r in rows] == ["case_0000", "case_0001"]  # the failed case is not exported
+    assert doc["license"] == "CC-BY-4.0"
+
+
+def test_export_without_passing_samples_and_bad_format(tmp_path):
+    cat = open_catalog(tmp_path / "root")
+    cat.append_samples([make_failed_record(0)])
+    with pytest.raises(ExportError, match=r"export expects at least one passing sample, but got 0 at version=0"):
+        export_msd(cat, tmp_path / "out")
+    with pytest.raises(ExportError, match=r"export expects format in \['nnunet', 'msd', 'croissant'\], but got format='coco'"):
+        export_dataset(cat, tmp_path / "out", format="coco")
+
+
+def test_export_as_of_exports_that_version_only(root, tmp_path):
+    cat = open_catalog(root)
+    cat.append_samples([write_case(root, 5, label_ids=(3, 200))])
+    assert export_msd(cat, tmp_path / "new").num_cases == 3
+    assert export_msd(cat, tmp_path / "old", as_of=0).num_cases == 2
