@@ -66,7 +66,7 @@ def make_phantom(
         image[mask] = hu + rng.normal(0.0, 8.0) + (hu_shift or {}).get(lid, 0.0)
     image = ndimage.gaussian_filter(image, 0.7)
     image += rng.normal(0.0, noise_hu, shape).astype(np.float32)
-    return image.astype(np.float32), label
+    return np.clip(image, -1024.0, 3071.0).astype(np.float32), label
 
 
 def make_set(n: int, size: int = 32, *, seed: int = 0, **kwargs) -> list[np.ndarray]:
