@@ -61,7 +61,7 @@ def check_geometry(
     if m > 1 and any(s % m for s in size_i):
         raise GeometryError(
             f"{who} expects each output size divisible by {m} (VAE and UNet downsampling), but got "
-            f"output_size_vox={list(size_i)}. Nearest valid: {[max(m, round(s / m) * m) for s in size_i]}."
+            f"output_size_vox={list(size_i)}. Next valid: {[-(-s // m) * m for s in size_i]}."
         )
     sx, sy, sz = spacing_f
     if rules.require_equal_xy_spacing and not np.isclose(sx, sy):

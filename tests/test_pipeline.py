@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from maisi_core import GenerationRequest, MaisiPipeline, presets
+from maisi_core.config import DDPMSchedulerConfig
+from maisi_core.errors import ConfigError, DeviceError, GeometryError, LabelMapError
+from maisi_core.pipeline import encode_labels_8bit
+
+
+def test_generate_labelled_32_cube_on_cpu(tiny_pipe, label_map):
+    out = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=0, num_inference_steps=2)
+    assert out.image_hu.shape == (32, 32, 32) and out.image_hu.dtype == np.float32
+    assert out.label_map.dtype == np.uint8 and np.array_equal(out.label_map, label_map)
+    assert out.image_hu.min() >= -1000 and out.image_hu.max() <= 1000
+    assert (out.image_hu[label_map == 0] == -1000).all()
+    assert np.allclose(np.diag(out.affine)[:3], 1.5)
+    assert set(out.timings_s) >= {"denoise", "decode", "total"}
+
+
+def test_same_seed_gives_identical_volume_and_other_seed_differs(tiny_pipe, label_map):
+    a = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=7, num_inference_steps=2)
+    b = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=7, num_inference_steps=2)
+    c = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=8, num_inference_steps=2)
+    assert np.array_equal(a.image_hu, b.image_hu)
+    assert not np.array_equal(a.image_hu, c.image_hu)
+
+
+def test_two_pipelines_from_same_config_agree(label_map):
+    p1 = MaisiPipeline.from_config(presets.tiny(), device="cpu", init_seed=0)
+    p2 = MaisiPipeline.from_config(presets.tiny(), device="cpu", init_seed=0)
+    a = p1.generate(label_map, spacing_mm=(2.0, 2.0, 2.0), seed=1, num_inference_steps=2)
+    b = p2.generate(label_map, spacing_mm=(2.0, 2.0, 2.0), seed=1, num_inference_steps=2)
+    assert np.array_equal(a.image_hu, b.image_hu)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random values (ControlNet output convolutions start at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_condition_changes_output(label_map):
+    tiny_pipe = MaisiPipeline.from_config(presets.tiny(), device="cpu")
+    _randomize(tiny_pipe.controlnet, 0)
+    _randomize(tiny_pipe.unet, 1)
+    other = label_map.copy()
+    other[other == 1] = 3
+    a = tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+    b = tiny_pipe.generate(other, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+    c = tiny_pipe.generate(label_map, spacing_mm=(3.0,) * 3, seed=0, num_inference_steps=2)
+    assert not np.array_equal(a.image_hu, b.image_hu)
+    assert not np.array_equal(a.image_hu, c.image_hu)
+
+
+def test_image_only_path_and_modality_guidance(tiny_pipe):
+    out = tiny_pipe.generate(None, spacing_mm=(2.0, 2.0, 2.0), output_size_vox=(32, 32, 48), seed=0,
+                             num_inference_steps=2, guidance_scale=2.0)
+    assert out.image_hu.shape == (32, 32, 48) and out.label_map is None
+
+
+def test_tumour_guidance_needs_a_tumour(tiny_pipe, label_map):
+    with pytest.raises(ConfigError, match=r"expects a tumour label in the mask for tumour guidance, but got guidance_scale=1.5"):
+        tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
+    lm = label_map.copy()
+    lm[9:11, 9:11, 9:11] = 26
+    out = tiny_pipe.generate(lm, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
+    assert out.image_hu.shape == (32, 32, 32)
+
+
+def test_callback_reports_each_step(tiny_pipe, label_map):
+    seen = []
+    tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=3,
+                       callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_missing_body_label_is_refused_unless_fixed(tiny_pipe, label_map):
+    no_body = np.where(label_map == 200, 0, label_map).astype(np.uint8)
+    with pytest.raises(LabelMapError, match=r"MaisiPipeline\[tiny\] expects the body label 200 .* Pass fix_body=True"):
+        tiny_pipe.generate(no_body, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+    out = tiny_pipe.generate(no_body, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, fix_body=True)
+    assert 200 in np.unique(out.label_map)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"spacing_mm": (1.5, 1.5, 1.5), "output_size_vox": (48, 48, 48)}, LabelMapError,
+         r"MaisiPipeline\[tiny\] expects a label map of the output size \(48, 48, 48\), but got shape=\(32, 32, 32\)"),
+        ({"spacing_mm": (1.5, 1.5, 30.0)}, GeometryError, r"z spacing in \[0.1, 20.0\] mm, but got spacing_mm=\[1.5, 1.5, 30.0\]"),
+        ({"spacing_mm": (1.5, 1.5)}, GeometryError, r"expects spacing_mm as three numbers"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tiny_pipe, label_map, kwargs, error, message):
+    with pytest.raises(error, match=message) as info:
+        tiny_pipe.generate(label_map, seed=0, num_inference_steps=2, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_label_ids_refused(tiny_pipe, label_map):
+    bad = label_map.copy()
+    bad[0, 0, 0] = 140
+    with pytest.raises(LabelMapError, match=r"but got unknown ids=\[140\]"):
+        tiny_pipe.generate(bad, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+
+
+def test_size_not_divisible_refused(tiny_pipe):
+    with pytest.raises(GeometryError, match=r"divisible by 16"):
+        tiny_pipe.generate(np.full((32, 32, 24), 200, np.uint8), spacing_mm=(1.5,) * 3, seed=0)
+
+
+def test_neither_label_map_nor_size(tiny_pipe):
+    with pytest.raises(ConfigError, match=r"expects a label_map or an output_size_vox, but got neither"):
+        tiny_pipe(GenerationRequest(spacing_mm=(1.0, 1.0, 1.0)), num_inference_steps=2)
+
+
+def test_official_preset_enforces_released_geometry_before_any_compute(label_map):
+    pipe = MaisiPipeline.from_config(presets.maisi_ct_rflow(), device="meta")
+    with pytest.raises(DeviceError, match=r"expects real weights to generate, but got device='meta'"):
+        pipe.generate(label_map, spacing_mm=(1.5,) * 3)
+
+
+def test_meta_pipeline_check_inputs_uses_official_rules(label_map):
+    pipe = MaisiPipeline.from_config(presets.maisi_ct_rflow(), device="meta")
+    with pytest.raises(GeometryError, match=r"x and y in \[256, 384, 512\], but got output_size_vox=\[32, 32, 32\]"):
+        pipe.check_inputs(GenerationRequest(spacing_mm=(1.5,) * 3, label_map=label_map))
+
+
+def test_fp16_refused_on_cpu():
+    with pytest.raises(DeviceError, match=r"expects fp16 only on CUDA, but got precision='fp16' on device=cpu"):
+        MaisiPipeline.from_config(presets.tiny(), device="cpu", precision="fp16")
+
+
+def test_cuda_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(DeviceError, match=r"but got device='cuda' with no CUDA"):
+        MaisiPipeline.from_config(presets.tiny(), device="cuda")
+
+
+def test_bf16_autocast_on_cpu_runs(label_map):
+    pipe = MaisiPipeline.from_config(presets.tiny(), device="cpu", precision="bf16")
+    out = pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+    assert np.isfinite(out.image_hu).all()
+
+
+def test_eight_bit_label_encoding():
+    t = torch.tensor([0, 1, 200, 255]).reshape(1, 1, 4, 1, 1)
+    bits = encode_labels_8bit(t)[0, :, :, 0, 0].T
+    assert bits[2].tolist() == [0, 0, 0, 1, 0, 0, 1, 1]  # 200 = bits 3, 6, 7
+    assert bits[3].tolist() == [1] * 8 and bits[0].tolist() == [0] * 8
+
+
+def test_sliding_window_decode_approximates_direct_decode(tiny_pipe):
+    from maisi_core.decoding import decode_latents
+
+    z = torch.randn(1, 4, 16, 16, 24, generator=torch.Generator().manual_seed(0))
+    fn = tiny_pipe.vae.decode_stage_2_outputs
+    with torch.no_grad():
+        direct = decode_latents(fn, z, roi_latent=None, overlap=0.5)
+        windowed = decode_latents(fn, z, roi_latent=(12, 12, 12), overlap=0.5)
+    assert direct.shape == windowed.shape == (1, 1, 64, 64, 96)
+    # away from window seams the gaussian-blended decode equals the direct one up to edge effects
+    corr = np.corrcoef(direct.flatten().numpy(), windowed.flatten().numpy())[0, 1]
+    assert corr > 0.95
+
+
+def test_pipeline_uses_decode_window_from_preset(label_map):
+    windowed = MaisiPipeline.from_config(presets.tiny().replace(decode_roi_latent=(8, 8, 8)), device="cpu")
+    lm = np.tile(label_map, (1, 1, 2))
+    calls = []
+    original = windowed.vae.decode_stage_2_outputs
+    windowed.vae.decode_stage_2_outputs = lambda z: calls.append(tuple(z.shape)) or original(z)
+    out = windowed.generate(lm, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
+    assert out.image_hu.shape == (32, 32, 64)
+    assert calls and all(shape[2:] == (8, 8, 8) for shape in calls) and len(calls) >= 2
+
+
+def _tiny_ddpm():
+    t = presets.tiny()
+    return t.replace(
+        name="tiny_ddpm", conditioning="body_region", scheduler=DDPMSchedulerConfig(),
+        unet=t.unet.replace(num_class_embeds=None, include_top_region_index_input=True,
+                            include_bottom_region_index_input=True),
+        controlnet=t.controlnet.replace(num_class_embeds=None),
+    )
+
+
+def test_ddpm_body_region_model_paths_are_deterministic(label_map):
+    pipe = MaisiPipeline.from_config(_tiny_ddpm(), device="cpu")
+    a = pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), body_region="chest", seed=0,
+                      num_inference_steps=3)
+    b = pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), body_region="chest", seed=0,
+                      num_inference_steps=3)
+    assert np.array_equal(a.image_hu, b.image_hu)
+    c = pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=3)  # regions from the mask
+    assert c.image_hu.shape == (32, 32, 32)
+    with pytest.raises(ConfigError, match=r"expects a body_region .* but got body_region=None"):
+        pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), seed=0, num_inference_steps=2)
+    with pytest.raises(ConfigError, match=r"expects no modality for a body-region model, but got modality=1"):
+        pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, modality=1)
