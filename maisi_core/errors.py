@@ -85,3 +85,19 @@ class QCConfigError(MaisiError, ValueError):
 
 class FeatureError(MaisiError, ValueError):
     """Raised when feature sets or volumes passed to a metric have incompatible shapes or values."""
+
+
+class MaskSourceError(MaisiError, ValueError):
+    """Raised when a mask source cannot make the requested label map (bad options, unknown source)."""
+
+
+class TumorPlacementError(MaskSourceError):
+    """Raised when a tumour cannot be placed because its host organ is not in the label map."""
+
+
+class UnmappedLabelError(MaskSourceError):
+    """Raised when a user label map holds source labels that the declared mapping does not cover."""
+
+
+class NoCandidateMaskError(MaskSourceError):
+    """Raised when no mask in a candidate folder satisfies the request."""
