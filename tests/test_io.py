@@ -169,3 +169,29 @@ def test_save_preview_png_writes_a_png(case):
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabelMapError, match=r"save_preview_png expects a label map of the image shape"):
         mio.save_preview_png(case[0], case[1][:2], io.BytesIO())
+
+
+def _nrrd_bytes(array: np.ndarray, *, encoding: str) -> bytes:
+    import gzip
+
+    header = (
+        "NRRD0004\n# comment\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+        f"sizes: {' '.join(str(s) for s in array.shape)}\n"
+        "space directions: (0.5,0,0) (0,0.75,0) (0,0,2.5)\nkinds: domain domain domain\nendian: little\n"
+        f"encoding: {encoding}\nspace origin: (-10,-20,30)\n\n"
+    )
+    payload = array.astype("<i2").tobytes(order="F")
+    return header.encode() + (gzip.compress(payload) if encoding == "gzip" else payload)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_read_nrrd_converts_lps_to_ras_and_keeps_voxel_order(encoding):
+    from maisi_core.reference import read_nrrd
+
+    array = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) - 12
+    out, affine = read_nrrd(_nrrd_bytes(array, encoding=encoding))
+    np.testing.assert_array_equal(out, array)
+    np.testing.assert_array_equal(affine, [[-0.5, 0, 0, 10], [0, -0.75, 0, 20], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    with pytest.raises(VolumeFileError, match=r"read_nrrd expects an NRRD file with attached data, but got a file "
+                                              r"starting b'NIFTI"):
+        read_nrrd(b"NIFTI...")

@@ -226,3 +226,49 @@ def test_memorization_rejects_mismatched_dimensions():
     with pytest.raises(FeatureError, match=r"memorization expects features of the same dimension, but got D=2 "
                                            r"and D=3"):
         m.memorization(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+# ---------------------------------------------------------------------- real CT (opt-in: -m real_ct)
+
+
+@pytest.fixture(scope="module")
+def real_ct():
+    import os
+    from pathlib import Path
+
+    from maisi_core.reference import load_reference_set
+
+    folder = Path(os.environ.get("CTFACTORY_REAL_CT", Path.home() / ".cache/ctfactory/real_ct"))
+    if not (folder / "reference.json").is_file():
+        pytest.skip(f"no real-CT reference at {folder}; run scripts/fetch_real_ct.py")
+    return load_reference_set(folder)
+
+
+@pytest.mark.real_ct
+def test_real_ct_lung_median_passes_the_lung_qc_range(real_ct):
+    from maisi_core import qc
+
+    low, high = qc.reference_hu_ranges()["lung"]
+    for name, vol in real_ct.items():
+        hu = vol.array.astype(np.float32)
+        body = ndimage.binary_fill_holes(ndimage.binary_opening(hu > -300, iterations=2), np.ones((3, 3, 1)))
+        labels, n = ndimage.label(body)
+        body = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        body = np.stack([ndimage.binary_fill_holes(body[:, :, k]) for k in range(body.shape[2])], axis=2)
+        label_map = np.where(body, 200, 0).astype(np.uint8)
+        label_map[body & (hu < -400)] = 28  # threshold-derived lung mask, not an expert label
+        result = qc.check_case(hu, label_map)
+        assert low <= result.organ_hu_median["lung"] <= high, (name, result.organ_hu_median)
+        assert -900 < result.organ_hu_median["lung"] < -700 and vol.spacing_mm[2] == pytest.approx(5.0)
+
+
+@pytest.mark.real_ct
+def test_real_ct_fd_halves_are_closer_than_noise(real_ct):
+    vols = [v.array[::2, ::2, :].astype(np.float32) for v in real_ct.values()]
+    left = [v[: v.shape[0] // 2] for v in vols]
+    right = [v[v.shape[0] // 2 :][::-1] for v in vols]  # mirrored to match the left half
+    rng = np.random.default_rng(0)
+    noise = [rng.normal(-300.0, 400.0, v.shape).astype(np.float32) for v in left]
+    real_vs_real = m.compute_frechet(left, right).mean
+    real_vs_noise = m.compute_frechet(left, noise).mean
+    assert real_vs_noise > 10 * real_vs_real
