@@ -16,6 +16,7 @@ import sys
 _COMMAND_MODULES = (
     "flows.cli_generate",
     "flows.cli_catalog",
+    "flows.cli_models",
 )
 
 EXIT_BAD_INPUT = 2
