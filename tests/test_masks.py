@@ -5,9 +5,18 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from maisi_core import labels
-from maisi_core.errors import LabelNameError, MaskSourceError, NoCandidateMaskError, UnmappedLabelError
+from maisi_core.errors import (
+    LabelNameError,
+    MaskSourceError,
+    NoCandidateMaskError,
+    UnmappedLabelError,
+    UnsafeCheckpointError,
+    WeightsError,
+    WeightsNotFoundError,
+)
 from maisi_core.masks import (
     MASK_SOURCES,
     MaskRequest,
@@ -204,3 +213,94 @@ def test_make_mask_folder_without_candidates_raises(mask_folder):
     request = MaskRequest(source="folder", regions="lower", options={"folder": str(mask_folder)})
     with pytest.raises(NoCandidateMaskError, match=r"retrieve_mask expects at least one mask in .* with labels \[\], regions \['lower'\] and no other tumour than None, but got candidates=0 of 4"):
         make_mask(request)
+
+
+# ----------------------------------------------------------------------------- MAISI mask generator
+
+
+class _NotAWeight:
+    """A custom class: pickling it into a checkpoint makes the file unsafe to load."""
+
+
+@pytest.fixture(scope="module")
+def tiny_generator():
+    from maisi_core.mask_generator import MaskGenerator
+
+    return MaskGenerator.from_config("tiny", seed=0)
+
+
+def test_mask_generator_official_architecture_parameter_counts():
+    from maisi_core.mask_generator import MaskGeneratorConfig, build_mask_autoencoder, build_mask_diffusion
+
+    config = MaskGeneratorConfig.official()
+    assert config.latent_shape == (4, 64, 64, 64)
+    assert config.autoencoder["norm_float16"] is False and config.diffusion["use_flash_attention"] is False
+    with torch.device("meta"):
+        vae, unet = build_mask_autoencoder(config), build_mask_diffusion(config)
+    assert sum(p.numel() for p in vae.parameters()) == 5_256_509
+    assert sum(p.numel() for p in unet.parameters()) == 197_163_012
+
+
+def test_mask_generator_tiny_run_gives_valid_maisi_ids(tiny_generator):
+    sizes = [0.5] * 5 + [0.0] * 5
+    a = tiny_generator.generate(sizes, seed=1, num_inference_steps=2, latent_shape=(4, 8, 8, 8))
+    b = tiny_generator.generate(sizes, seed=1, num_inference_steps=2, latent_shape=(4, 8, 8, 8))
+    assert a.shape == (32, 32, 32) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    labels.check_label_map(a, require_body=False)
+    assert not np.isin(a, labels.TUMOR_IDS + (129,)).any()  # no tumour requested, kidney mass relabelled
+
+
+def test_mask_generator_rejects_bad_size_vector(tiny_generator):
+    with pytest.raises(MaskSourceError, match=r"MaskGenerator expects a size vector of 10 values in \[0, 1\] or -1, ordered \['gallbladder', .*\], but got size_vector=\[0\.5, 2\.0\]\."):
+        tiny_generator.generate([0.5, 2.0], seed=0, num_inference_steps=1)
+
+
+def test_postprocess_generated_mask_keeps_body_and_relabels_tumours():
+    from maisi_core.mask_generator import postprocess_generated_mask
+
+    arr = np.zeros((12, 12, 12), np.uint8)
+    arr[1:9, 1:9, 1:9] = labels.BODY_ID
+    arr[2:6, 2:6, 2:6] = 1
+    arr[3, 3, 3] = 26  # hepatic tumour inside the liver
+    arr[11, 11, 11] = 3  # a stray island
+    out = postprocess_generated_mask(arr, keep_tumors=())
+    assert out[3, 3, 3] == 1 and out[11, 11, 11] == 0
+    kept = postprocess_generated_mask(arr, keep_tumors=(26,))
+    assert kept[3, 3, 3] == 26
+
+
+def test_mask_generator_loads_weights_only_checkpoints(tmp_path, tiny_generator):
+    from maisi_core.mask_generator import MaskGenerator, MaskGeneratorConfig
+
+    vae_path, unet_path = tmp_path / "mask_vae.pt", tmp_path / "mask_unet.pt"
+    torch.save(tiny_generator.autoencoder.state_dict(), vae_path)
+    torch.save({"unet_state_dict": tiny_generator.diffusion.state_dict(), "scale_factor": torch.tensor(0.8)}, unet_path)
+    loaded = MaskGenerator.from_checkpoints(MaskGeneratorConfig.tiny(), autoencoder_path=vae_path, diffusion_path=unet_path)
+    assert loaded.scale_factor == pytest.approx(0.8)
+    for name, tensor in tiny_generator.diffusion.state_dict().items():
+        assert torch.equal(loaded.diffusion.state_dict()[name], tensor)
+    torch.save({"unet_state_dict": {"nope": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match=r"MaskGenerator.from_checkpoints expects a state dict of the configured architecture, but got path='.*bad\.pt' with missing=\[.*\] unexpected=\['nope'\]\."):
+        MaskGenerator.from_checkpoints(MaskGeneratorConfig.tiny(), autoencoder_path=vae_path, diffusion_path=tmp_path / "bad.pt")
+
+
+def test_load_weights_refuses_pickled_objects(tmp_path):
+    from maisi_core.mask_generator import load_weights
+
+    path = tmp_path / "unsafe.pt"
+    torch.save({"state_dict": {}, "extra": _NotAWeight()}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"loader expects a checkpoint of tensors and plain containers \(torch.load with weights_only=True\), but got path='.*unsafe\.pt', which needs arbitrary pickled objects .* It is refused"):
+        load_weights(path, who="loader")
+    with pytest.raises(WeightsNotFoundError, match=r"loader expects an existing checkpoint file, but got path='.*missing\.pt'\."):
+        load_weights(tmp_path / "missing.pt", who="loader")
+
+
+def test_make_mask_with_the_mask_generator_source(tiny_generator):
+    request = MaskRequest(source="maisi_mask_generator", output_size_vox=(24, 24, 16), spacing_mm=(2.0, 2.0, 3.0), seed=5,
+                          options={"generator": tiny_generator, "num_inference_steps": 2, "latent_shape": (4, 8, 8, 8)})
+    result = make_mask(request)
+    assert result.mask_source == "maisi_mask_generator" and result.mask_id.startswith("maisi_mask_generator:5:")
+    assert result.label_map.shape == (24, 24, 16)
+    assert np.allclose(np.diag(result.affine)[:3], (2.0, 2.0, 3.0))
+    labels.check_label_map(result.label_map, require_body=False)
