@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiConvolution
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+    AutoencoderKlMaisi,
+    MaisiConvolution,
+    MaisiGroupNorm3D,
+)
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
@@ -83,3 +87,10 @@ def set_vae_num_splits(vae: AutoencoderKlMaisi, num_splits: int) -> None:
     for module in vae.modules():
         if isinstance(module, MaisiConvolution):
             module.num_splits = int(num_splits)
+
+
+def set_vae_norm_float16(vae: AutoencoderKlMaisi, enabled: bool) -> None:
+    """Switch the fp16 output of the VAE's group norms on or off (only valid under CUDA autocast)."""
+    for module in vae.modules():
+        if isinstance(module, MaisiGroupNorm3D):
+            module.norm_float16 = bool(enabled)

@@ -36,7 +36,13 @@ from maisi_core.decoding import (
     select_decode_preset,
 )
 from maisi_core.errors import ConfigError, DeviceError, LabelMapError
-from maisi_core.networks import build_controlnet, build_unet, build_vae, set_vae_num_splits
+from maisi_core.networks import (
+    build_controlnet,
+    build_unet,
+    build_vae,
+    set_vae_norm_float16,
+    set_vae_num_splits,
+)
 from maisi_core.schedulers import TimestepPlan, build_scheduler, plan_timesteps, scheduler_step
 
 logger = logging.getLogger(__name__)
@@ -162,6 +168,8 @@ class MaisiPipeline:
         self.decode_preset = decode_preset
         if decode_preset is not None and device.type != "meta":
             set_vae_num_splits(self.vae, decode_preset.num_splits)
+        # fp16 group-norm outputs (the released setting) only work under CUDA autocast
+        set_vae_norm_float16(self.vae, config.vae.norm_float16 and device.type == "cuda" and precision != "fp32")
 
     # ------------------------------------------------------------------ construction
 
