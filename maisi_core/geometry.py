@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from maisi_core.config import GeometryRules, PipelineConfig
-from maisi_core.errors import GeometryError
+from maisi_core.errors import AffineError, GeometryError
 
 
 def _triple(values: Sequence[float], name: str, who: str) -> tuple[float, float, float]:
@@ -96,14 +96,27 @@ def affine_from_spacing(
     *,
     origin_mm: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Return a diagonal RAS affine (4, 4) for a spacing.
+    """Return a diagonal RAS affine (4, 4) for a spacing (the one place affines are built from spacing).
 
-    With ``output_size_vox`` and no ``origin_mm`` the volume is centred on the world origin.
+    With ``origin_mm`` the first voxel sits there; otherwise, with ``output_size_vox``, the volume is
+    centred on the world origin; with neither, the origin is 0.
+
+    Raises:
+        AffineError: spacings not three positive finite numbers, or an origin not three finite numbers.
     """
     spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise AffineError(
+            f"affine_from_spacing expects three positive finite spacings in mm, but got spacing_mm={spacing_mm!r}."
+        )
     affine = np.diag([*spacing, 1.0])
     if origin_mm is not None:
-        affine[:3, 3] = np.asarray(origin_mm, dtype=np.float64)
+        origin = np.asarray(origin_mm, dtype=np.float64)
+        if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+            raise AffineError(
+                f"affine_from_spacing expects three finite origin coordinates in mm, but got origin_mm={origin_mm!r}."
+            )
+        affine[:3, 3] = origin
     elif output_size_vox is not None:
         affine[:3, 3] = -(np.asarray(output_size_vox, dtype=np.float64) - 1.0) / 2.0 * spacing
     return affine

@@ -37,11 +37,13 @@ from maisi_core.errors import (
     VolumeFileError,
     VolumeNotFoundError,
 )
+from maisi_core.geometry import affine_from_spacing  # re-exported for io users
 
 try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio
     from isal import igzip as _fast_gzip
 except ImportError:  # pragma: no cover - depends on the environment
     _fast_gzip = None
+
 
 logger = logging.getLogger(__name__)
 
@@ -99,25 +101,6 @@ class ImageVolume(Volume):
 @dataclass(frozen=True, eq=False)
 class LabelVolume(Volume):
     """A label map in integer IDs, ``(X, Y, Z)``; uint8 or uint16 as written by :func:`save_label`."""
-
-
-def affine_from_spacing(
-    spacing_mm: Sequence[float], origin_mm: Sequence[float] = (0.0, 0.0, 0.0)
-) -> np.ndarray:
-    """Return a diagonal RAS affine ``(4, 4)`` with the given voxel size and origin (both in mm)."""
-    spacing = np.asarray(spacing_mm, dtype=np.float64)
-    origin = np.asarray(origin_mm, dtype=np.float64)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise AffineError(
-            f"affine_from_spacing expects three positive finite spacings in mm, but got spacing_mm={spacing_mm!r}."
-        )
-    if origin.shape != (3,) or not np.all(np.isfinite(origin)):
-        raise AffineError(
-            f"affine_from_spacing expects three finite origin coordinates in mm, but got origin_mm={origin_mm!r}."
-        )
-    affine = np.diag(np.append(spacing, 1.0))
-    affine[:3, 3] = origin
-    return affine
 
 
 def save_image(

@@ -77,6 +77,11 @@ def _names_by_id() -> dict[int, str]:
     return {v: k for k, v in label_dict().items()}
 
 
+@lru_cache(maxsize=1)
+def _ids_by_lower_name() -> dict[str, int]:
+    return {k.lower(): v for k, v in label_dict().items() if not k.startswith("dummy")}
+
+
 def dummy_ids() -> tuple[int, ...]:
     """Return the unused placeholder IDs (``dummy1`` ... ``dummy8``)."""
     return tuple(sorted(v for k, v in label_dict().items() if k.startswith("dummy")))
@@ -94,11 +99,11 @@ def label_id(name: str) -> int:
     Raises:
         LabelNameError: the name is not in the dictionary; the message suggests the closest one.
     """
-    key = str(name).strip().lower().replace("_", " ")
-    table = label_dict()
-    if key in table and not key.startswith("dummy"):
-        return table[key]
-    hint = did_you_mean(key, [k for k in table if not k.startswith("dummy")])
+    key = " ".join(str(name).strip().replace("_", " ").split()).lower()
+    by_lower = _ids_by_lower_name()
+    if key in by_lower:
+        return by_lower[key]
+    hint = did_you_mean(str(name).strip(), [k for k in label_dict() if not k.startswith("dummy")])
     raise LabelNameError(
         f"label_id expects a structure name from the MAISI label dictionary, but got name={name!r}.{hint}"
     )

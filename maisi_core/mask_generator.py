@@ -292,14 +292,14 @@ def postprocess_generated_mask(label_map: np.ndarray, *, keep_tumors: Sequence[i
 def generate_mask_for_request(request) -> Any:
     """The ``maisi_mask_generator`` mask source: generate at 1.5 mm, resample, place the requested tumour."""
     from maisi_core.masks import MaskResult, _place_requested_tumor, _required_option, resample_label_map
-    from maisi_core.phantom import centered_affine
+    from maisi_core.geometry import affine_from_spacing
 
     opts = dict(request.options)
     generator = _required_option(opts, "generator", "maisi_mask_generator")
     sizes = check_size_vector(opts.get("size_vector", [0.5] * 5 + [0.0] * 5))
     raw = generator.generate(sizes, seed=request.seed, num_inference_steps=int(opts.get("num_inference_steps", 1000)),
                              latent_shape=opts.get("latent_shape"))
-    label_map, affine = resample_label_map(raw, centered_affine(raw.shape, GENERATED_SPACING_MM),
+    label_map, affine = resample_label_map(raw, affine_from_spacing(GENERATED_SPACING_MM, raw.shape),
                                            spacing_mm=request.spacing_mm, output_size_vox=request.output_size_vox)
     tumors = _place_requested_tumor(label_map, affine, request)
     digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:12]

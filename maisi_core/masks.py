@@ -45,7 +45,8 @@ from maisi_core.errors import (
     UnmappedLabelError,
     did_you_mean,
 )
-from maisi_core.phantom import PhantomConfig, PlacedTumor, TumorSpec, centered_affine, generate_phantom, place_tumor
+from maisi_core.geometry import affine_from_spacing
+from maisi_core.phantom import PhantomConfig, PlacedTumor, TumorSpec, generate_phantom, place_tumor
 from maisi_core.anatomy import derive_rng
 
 logger = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def resample_label_map(
     out = arr_ras[np.ix_(*index)]
     inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
     out = np.where(inside, out, np.zeros((), dtype=out.dtype))
-    new_affine = centered_affine(out_size, spacing)
+    new_affine = affine_from_spacing(spacing, out_size)
     new_affine[:3, 3] += center_mm
     return np.ascontiguousarray(out), new_affine
 

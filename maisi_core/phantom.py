@@ -26,6 +26,7 @@ from scipy import ndimage
 from maisi_core import anatomy, labels
 from maisi_core.anatomy import derive_rng
 from maisi_core.errors import ConfigError, GeometryError, TumorPlacementError
+from maisi_core.geometry import affine_from_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +171,6 @@ class PhantomCase:
         return tuple(float(v) for v in np.diag(self.affine)[:3])  # type: ignore[return-value]
 
 
-def centered_affine(output_size_vox: Sequence[int], spacing_mm: Sequence[float]) -> np.ndarray:
-    """Return the diagonal RAS affine ``(4, 4)`` that puts the volume's centre at the world origin."""
-    spacing = np.asarray(spacing_mm, dtype=np.float64)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(output_size_vox, dtype=np.float64) - 1.0) / 2.0 * spacing
-    return affine
-
-
 def generate_phantom(config: PhantomConfig, *, seed: int) -> PhantomCase:
     """Draw one phantom.
 
@@ -201,7 +194,7 @@ def generate_phantom(config: PhantomConfig, *, seed: int) -> PhantomCase:
     depth_center = 0.5 * (min(s[0] for s in spans) + max(s[1] for s in spans))
     depth_center += float(np.clip(rng.normal(0.0, FOV_JITTER_MM), -2 * FOV_JITTER_MM, 2 * FOV_JITTER_MM))
 
-    affine = centered_affine(config.output_size_vox, config.spacing_mm)
+    affine = affine_from_spacing(config.spacing_mm, config.output_size_vox)
     world = [affine[a, a] * np.arange(n) + affine[a, 3] for a, n in enumerate(config.output_size_vox)]
     canvas = anatomy.Canvas(
         shape=config.output_size_vox,

@@ -16,6 +16,7 @@ def test_label_dictionary_has_132_ids_plus_body():
 
 def test_name_id_lookups_both_ways():
     assert labels.label_id("Right_Kidney") == 5
+    assert labels.label_id("vertebrae L5") == 33 and labels.label_id("VERTEBRAE_S1") == 127
     assert labels.label_name(14) == "left kidney"
     assert labels.label_name(0) == "background"
 
