@@ -1,0 +1,210 @@
+"""The HTML dataset card: one self-contained file (plots and previews inlined as base64 PNG).
+
+It shows what generated the dataset (spec, spec_id, model and digest, code version, seeds), counts
+per cohort, QC pass rates and failure reasons, organ median-HU distributions against MAISI's
+reference ranges, dataset-level metrics, and preview slices of a few cases.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalog.errors import ReportError
+from catalog.export import load_nifti
+from catalog.store import Catalog
+
+logger = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{border-bottom:2px solid #3b6ea5;padding-bottom:.2em}h2{color:#3b6ea5;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 9px;text-align:left}
+th{background:#eef3f8}pre{background:#f6f6f6;padding:.8em;overflow:auto;max-height:24em}
+.pass{color:#1a7f37}.fail{color:#c62828}.note{color:#666;font-size:.9em}img{max-width:100%}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    head = "" if header is None else "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return _img(buffer.getvalue())
+
+
+def _img(png: bytes, alt: str = "plot") -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def reference_ranges() -> dict[str, tuple[float, float]]:
+    """Return MAISI's organ median-HU reference ranges (from ``maisi_core.qc``)."""
+    from maisi_core.qc import reference_hu_ranges
+
+    return reference_hu_ranges()
+
+
+def plot_organ_hu(rows: list[dict[str, Any]], ranges: dict[str, tuple[float, float]]) -> str | None:
+    """Return an ``<img>`` of per-organ median HU (box + strip) with the reference band, or None."""
+    from matplotlib.figure import Figure
+
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for organ, hu in (row.get("organ_hu_median") or {}).items():
+            values.setdefault(organ, []).append(hu)
+    organs = sorted(values)
+    if not organs:
+        return None
+    fig = Figure(figsize=(max(6.0, 1.1 * len(organs)), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for x, organ in enumerate(organs):
+        if organ in ranges:
+            low, high = ranges[organ]
+            ax.fill_between([x - 0.4, x + 0.4], low, high, color="#8fbf8f", alpha=0.35, lw=0,
+                            label="reference range" if x == 0 or "reference range" not in
+                            ax.get_legend_handles_labels()[1] else None)
+        jitter = np.random.default_rng(x).uniform(-0.15, 0.15, len(values[organ]))
+        ax.scatter(x + jitter, values[organ], s=12, color="#3b6ea5", alpha=0.8, zorder=3)
+    ax.boxplot([values[o] for o in organs], positions=range(len(organs)), widths=0.5, showfliers=False,
+               medianprops={"color": "#c62828"}, zorder=2)
+    ax.set_xticks(range(len(organs)), organs, rotation=30, ha="right")
+    ax.set_ylabel("organ median HU")
+    ax.set_title("Organ median HU per case vs. MAISI reference range")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="upper right")
+    return _png(fig)
+
+
+def _preview(catalog: Catalog, row: dict[str, Any]) -> str:
+    from maisi_core.io import save_preview_png
+
+    image = np.asanyarray(load_nifti(catalog, row["image_uri"]).dataobj).astype(np.float32)
+    label = np.asanyarray(load_nifti(catalog, row["label_uri"]).dataobj)
+    buffer = io.BytesIO()
+    save_preview_png(image, label, buffer)
+    caption = f"{row['sample_id']} ({row['body_region']}, {row['pathology']}, seed {row['seed']})"
+    return f"<figure>{_img(buffer.getvalue(), caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
+
+
+def _cohort_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for cohort in sorted({r["cohort"] or "" for r in rows}):
+        part = [r for r in rows if (r["cohort"] or "") == cohort]
+        passed = sum(1 for r in part if r["status"] == "passed" and r["qc_pass"])
+        out.append([cohort, len(part), passed, len(part) - passed, f"{100.0 * passed / len(part):.1f} %"])
+    return out
+
+
+def _metric_rows(datasets: list[dict[str, Any]]) -> list[list[Any]]:
+    out = []
+    for row in datasets:
+        metrics = dict(row.get("metrics") or {})
+        metrics.update({k: v for k, v in row.items() if k.startswith("fd_") and v is not None})
+        for name, value in sorted(metrics.items()):
+            out.append([row["dataset_version"], name, f"{value:.4g}"])
+    return out
+
+
+def _distinct(rows: list[dict[str, Any]], key: str) -> str:
+    return ", ".join(sorted({str(r[key]) for r in rows if r.get(key) is not None})) or "—"
+
+
+def _generation_section(rows: list[dict[str, Any]], dataset: dict[str, Any] | None) -> str:
+    seeds = [r["seed"] for r in rows if r.get("seed") is not None]
+    facts = [
+        ["spec_id", _distinct(rows, "spec_id")],
+        ["model", _distinct(rows, "model_name")],
+        ["model digest", _distinct(rows, "model_digest")],
+        ["code version", _distinct(rows, "code_version")],
+        ["seeds", f"{min(seeds)} – {max(seeds)} ({len(seeds)} cases)" if seeds else "—"],
+        ["device", _distinct(rows, "device")],
+        ["mask source", _distinct(rows, "mask_source")],
+        ["licence", (dataset or {}).get("licence") or "—"],
+        ["data", "synthetic (generated by a latent diffusion model; no patient data)"],
+    ]
+    spec = (dataset or {}).get("spec")
+    spec_html = f"<h3>Spec</h3><pre>{_esc(spec)}</pre>" if spec else '<p class="note">No spec text recorded.</p>'
+    return "<h2>What generated it</h2>" + _table(None, facts) + spec_html
+
+
+def _qc_section(rows: list[dict[str, Any]]) -> str:
+    passed = sum(1 for r in rows if r["status"] == "passed" and r["qc_pass"])
+    reasons = Counter(f.split(":")[0] for r in rows for f in (r.get("qc_failures") or []))
+    reasons.update(r["failure_reason"] for r in rows if r.get("failure_reason") and not r.get("qc_failures"))
+    body = (f'<p>QC pass rate: <b class="pass">{passed}</b> of {len(rows)} attempts '
+            f"({100.0 * passed / len(rows):.1f} %).</p>")
+    if reasons:
+        body += "<p>Failures by organ or reason:</p>" + _table(["organ / reason", "count"], reasons.most_common())
+    return "<h2>Quality checks</h2>" + body
+
+
+def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_previews: int = 3) -> str:
+    """Return the dataset card of ``catalog`` at ``samples`` version ``as_of`` as HTML text.
+
+    Raises:
+        ReportError: When the version has no rows.
+    """
+    version = catalog.delta_table("samples", version=as_of).version()
+    rows = catalog.read_table("samples", as_of=version).to_pylist()
+    if not rows:
+        raise ReportError(f"report expects at least one sample row, but got 0 at version={version}.")
+    for row in rows:
+        row["organ_hu_median"] = dict(row["organ_hu_median"] or [])
+    datasets = catalog.read_table("datasets", as_of=version).to_pylist() if catalog.exists("datasets") else []
+    for row in datasets:
+        row["metrics"] = dict(row["metrics"] or [])
+    dataset = datasets[-1] if datasets else None
+    title = f"{_distinct(rows, 'dataset')} v{_distinct(rows, 'dataset_version')}"
+    parts = [f"<h1>Dataset card: {_esc(title)}</h1>",
+             f'<p class="note">Catalog {_esc(catalog.root_uri)}, samples version {version}.</p>',
+             _generation_section(rows, dataset),
+             "<h2>Counts per cohort</h2>",
+             _table(["cohort", "attempts", "passed", "failed", "pass rate"], _cohort_rows(rows)),
+             _qc_section(rows)]
+    passing = [r for r in rows if r["status"] == "passed" and r["qc_pass"]]
+    plot = plot_organ_hu(passing or rows, reference_ranges())
+    parts.append("<h2>Organ HU distributions</h2>")
+    parts.append(plot or '<p class="note">No organ HU medians recorded.</p>')
+    parts.append('<p class="note">Green bands: MAISI reference range per organ, [min(sigma_6_low, p0.5), '
+                 'max(sigma_6_high, p99.5)], bone capped at 1000 HU.</p>')
+    metric_rows = _metric_rows(datasets)
+    parts.append("<h2>Dataset metrics</h2>")
+    parts.append(_table(["dataset version", "metric", "value"], metric_rows) if metric_rows
+                 else '<p class="note">No dataset-level metrics recorded.</p>')
+    parts.append("<h2>Previews</h2>")
+    parts += [_preview(catalog, r) for r in sorted(passing, key=lambda r: r["sample_id"])[:max_previews]]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
+
+
+def write_report(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, max_previews: int = 3) -> Path:
+    """Write the HTML dataset card to ``dest`` (replacing an older card) and return its path.
+
+    Raises:
+        ReportError: When ``dest`` is a directory or its folder does not exist.
+    """
+    path = Path(dest)
+    if path.is_dir() or not path.parent.is_dir():
+        raise ReportError(f"report expects --dest to be a file in an existing folder, but got dest={str(path)!r}.")
+    path.write_text(build_report_html(catalog, as_of=as_of, max_previews=max_previews))
+    logger.info("report: wrote %s", path)
+    return path

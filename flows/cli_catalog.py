@@ -1,0 +1,151 @@
+"""``ctfactory catalog query|history|verify|export`` and ``ctfactory report``: the catalog CLI.
+
+Each handler turns arguments into library calls and returns an exit code; bad input raises a
+:class:`catalog.errors.CatalogError`, which ``flows.cli`` prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from catalog.errors import QueryError
+from catalog.export import EXPORT_FORMATS, export_dataset
+from catalog.query import OUTPUT_FORMATS, QC_CHOICES, format_result, sample_filter, write_result
+from catalog.store import Catalog, open_catalog
+from catalog.verify import verify_catalog
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QueryError(f"--storage-option expects KEY=VALUE, but got {pair!r}. "
+                             f"Example: --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:9000")
+        options[key] = value
+    return options
+
+
+def _open(args: argparse.Namespace) -> Catalog:
+    return open_catalog(args.root, storage_options=_storage_options(args.storage_option))
+
+
+def _add_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("root", metavar="ROOT", help="dataset output root (local path or s3://bucket/prefix)")
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...")
+
+
+def _emit(text: str | bytes) -> None:
+    if isinstance(text, bytes):
+        sys.stdout.buffer.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+def run_query(args: argparse.Namespace) -> int:
+    """Handle ``catalog query``."""
+    cat = _open(args)
+    if args.sql and any(v is not None for v in (args.region, args.pathology, args.qc)):
+        raise QueryError("catalog query expects either --sql or the filters --region/--pathology/--qc, "
+                         "but got both. Put the filters in the SQL WHERE clause.")
+    if args.sql:
+        table = cat.sql(args.sql, as_of=args.as_of)
+    else:
+        table = cat.query(sample_filter(region=args.region, pathology=args.pathology, qc=args.qc), as_of=args.as_of)
+    if args.output:
+        write_result(table, args.format, args.output)
+    elif args.format == "parquet":
+        raise QueryError("catalog query expects --output FILE with --format parquet, but got output=None.")
+    else:
+        _emit(format_result(table, args.format))
+    return EXIT_OK
+
+
+def run_history(args: argparse.Namespace) -> int:
+    """Handle ``catalog history``: one line per commit, newest first (``--json`` for the raw entries)."""
+    entries = _open(args).history(args.table)
+    if args.json:
+        _emit(json.dumps(entries, indent=1, default=str) + "\n")
+        return EXIT_OK
+    for entry in entries:
+        custom = {k: v for k, v in entry.items() if k not in {
+            "version", "timestamp", "operation", "operationParameters", "operationMetrics",
+            "engineInfo", "clientVersion", "ctfactory.commit_id"}}
+        meta = " ".join(f"{k}={v}" for k, v in sorted(custom.items()))
+        _emit(f"{entry.get('version')}\t{entry.get('timestamp')}\t{entry.get('operation')}\t{meta}\n")
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Handle ``catalog verify``: exit 1 when a referenced file is missing or altered."""
+    report = verify_catalog(_open(args), as_of=args.as_of, orphans=not args.no_orphans)
+    _emit(report.summary() + "\n")
+    return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handle ``catalog export``."""
+    result = export_dataset(_open(args), args.dest, format=args.format, as_of=args.version,
+                            dataset_id=args.dataset_id, overwrite=args.overwrite)
+    _emit(f"exported {result.num_cases} cases of version {result.version} as {result.format} to {result.path}\n")
+    return EXIT_OK
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Handle ``report``: write the HTML dataset card."""
+    from catalog.report import write_report
+
+    path = write_report(_open(args), args.dest, as_of=args.version, max_previews=args.previews)
+    _emit(f"wrote {path}\n")
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``catalog`` (query, history, verify, export) and ``report`` to the ``ctfactory`` parser."""
+    catalog = subparsers.add_parser("catalog", help="query, verify and export the dataset catalog")
+    sub = catalog.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
+
+    query = sub.add_parser("query", help="filter samples or run SQL over tables samples and datasets")
+    _add_root(query)
+    query.add_argument("--region", help="body_region equals this")
+    query.add_argument("--pathology", help="pathology equals this")
+    query.add_argument("--qc", choices=QC_CHOICES, help="QC verdict")
+    query.add_argument("--sql", help='DuckDB SQL over tables samples and datasets, e.g. "SELECT count(*) FROM samples"')
+    query.add_argument("--as-of", type=int, metavar="N", help="samples table version (time travel)")
+    query.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    query.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    query.set_defaults(func=run_query)
+
+    history = sub.add_parser("history", help="list the commits (versions) of the catalog")
+    _add_root(history)
+    history.add_argument("--table", choices=("samples", "datasets"), default="samples")
+    history.add_argument("--json", action="store_true", help="print the raw commit entries as JSON")
+    history.set_defaults(func=run_history)
+
+    verify = sub.add_parser("verify", help="check files against sha256/size; exit 1 on a problem")
+    _add_root(verify)
+    verify.add_argument("--as-of", type=int, metavar="N", help="samples table version")
+    verify.add_argument("--no-orphans", action="store_true", help="skip listing unreferenced files")
+    verify.set_defaults(func=run_verify)
+
+    export = sub.add_parser("export", help="export passing samples as nnU-Net v2, MSD or Croissant")
+    _add_root(export)
+    export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    export.add_argument("--dest", required=True, metavar="DIR")
+    export.add_argument("--version", type=int, metavar="N", help="samples table version (default: latest)")
+    export.add_argument("--dataset-id", type=int, default=500, metavar="NNN", help="nnU-Net dataset ID (1-999)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    export.set_defaults(func=run_export)
+
+    report = subparsers.add_parser("report", help="write a self-contained HTML dataset card")
+    _add_root(report)
+    report.add_argument("--version", type=int, metavar="N", help="samples table version (default: latest)")
+    report.add_argument("--dest", required=True, metavar="FILE.html")
+    report.add_argument("--previews", type=int, default=3, metavar="K", help="number of preview cases")
+    report.set_defaults(func=run_report)

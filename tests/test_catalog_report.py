@@ -1,0 +1,68 @@
+"""The HTML dataset card: self-contained, with generation facts, counts, plots and previews."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from test_catalog_support import make_failed_record, write_case
+
+from catalog.errors import ReportError
+from catalog.report import build_report_html, write_report
+from catalog.store import open_catalog
+from flows.cli import main
+
+
+@pytest.fixture(scope="module")
+def report_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_root")
+    cat = open_catalog(root)
+    cat.append_samples([write_case(root, i, organ_hu_median={"liver": 60.0 + 10 * i, "spleen": 45.0 - 5 * i,
+                                                             "bone": 400.0}) for i in range(4)]
+                       + [make_failed_record(9)])
+    cat.append_dataset({"dataset": "demo", "dataset_version": "1", "spec": "name: demo\ncount: 4\n",
+                        "licence": "CC-BY-4.0", "fd_radimagenet_resnet50": 3.25,
+                        "metrics": {"diversity_ms_ssim": 0.41}})
+    return root
+
+
+def test_report_html_is_self_contained_with_sections(report_root, tmp_path):
+    dest = tmp_path / "card.html"
+    assert main(["report", str(report_root), "--dest", str(dest), "--previews", "2"]) == 0
+    text = dest.read_text()
+    assert not re.search(r'(src|href)="(?!data:)', text)  # no external assets
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == 3  # the HU plot and two previews
+    assert all(base64.b64decode(img).startswith(b"\x89PNG") for img in images)
+    for needle in ("spec-abc123", "maisi-tiny", "sha256:feed", "0.1.0+g123", "1000 – 1009 (5 cases)", "name: demo",
+                   "CC-BY-4.0", "fd_radimagenet_resnet50", "3.25", "diversity_ms_ssim", "case_0001"):
+        assert needle in text, needle
+    assert "QC pass rate: <b class=\"pass\">4</b> of 5 attempts (80.0 %)" in text
+    assert "<td>liver</td><td>1</td>" in text  # failure reasons by organ
+
+
+def test_report_as_of_and_errors(report_root, tmp_path):
+    html = build_report_html(open_catalog(report_root), as_of=0, max_previews=0)
+    assert "samples version 0" in html and "<img" in html
+    with pytest.raises(ReportError, match=r"report expects --dest to be a file in an existing folder, but got dest="):
+        write_report(open_catalog(report_root), tmp_path / "no" / "card.html")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_report_renders_in_headless_chromium(report_root, tmp_path):
+    dest = write_report(open_catalog(report_root), tmp_path / "card.html")
+    shot = tmp_path / "card.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1200,2000",
+         f"file://{dest}"],
+        check=True, capture_output=True, timeout=120,
+    )
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 20_000
