@@ -14,7 +14,7 @@ import sys
 
 # Modules that add sub-commands; each must define register(subparsers).
 _COMMAND_MODULES = (
-    "flows.cli_generate",
+    "flows.cli_run",
     "flows.cli_catalog",
     "flows.cli_models",
 )

@@ -1,0 +1,275 @@
+"""One case, as plain functions: mask → generate → QC (retries on derived seeds) → write → record.
+
+:func:`run_case` is what the ``generate_case`` task calls; it takes a :class:`CaseRequest` and a
+:class:`CaseGenerator` and returns a :class:`catalog.schema.SampleRecord` (passed or failed).
+
+The generator seam
+------------------
+A :class:`CaseGenerator` turns (request, mask, seed) into a volume. :func:`get_generator` resolves
+the spec's ``runtime.generator``:
+
+* ``maisi`` (default): the spec's model through :func:`flows.models.load_pipeline` (cached per process).
+* ``sleep:SECONDS``: :class:`SleepGenerator`, a stub that sleeps and returns a flat 40 HU body; it
+  measures orchestration overhead (``benchmarks/bench_orchestration.py``).
+* ``package.module:factory``: any callable ``factory(model_ref, device, decode_preset) -> CaseGenerator``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from catalog.schema import SampleRecord
+from flows.plan import CaseRequest, attempt_seed, derive_seed, resolve_output_uri
+from flows.storage import publish_volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class GeneratedVolume:
+    """A generated image with the label map it was conditioned on.
+
+    Attributes:
+        image_hu: (X, Y, Z) float32 HU.
+        label_map: (X, Y, Z) MAISI label IDs.
+        affine: (4, 4) RAS affine of both.
+        timings_s: seconds per stage.
+    """
+
+    image_hu: np.ndarray
+    label_map: np.ndarray
+    affine: np.ndarray
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+class CaseGenerator(Protocol):
+    """The seam between the factory and a generative model."""
+
+    model_name: str
+    model_digest: str
+    device: str
+
+    def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
+        """Return a volume for ``request`` conditioned on ``mask`` (a ``MaskResult``), drawn from ``seed``."""
+
+
+class PipelineGenerator:
+    """A :class:`MaisiPipeline` as a case generator (one call at a time per pipeline: it is not re-entrant)."""
+
+    def __init__(self, pipeline: Any, model_name: str) -> None:
+        self.pipeline = pipeline
+        self.model_name = model_name
+        self.model_digest = str(pipeline.model_digest or "")
+        self.device = str(pipeline.device)
+        self._lock = _pipeline_lock(pipeline)
+
+    def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
+        with self._lock:
+            out = self.pipeline.generate(mask.label_map, spacing_mm=request.spacing_mm, seed=seed,
+                                         num_inference_steps=request.num_inference_steps, affine=mask.affine)
+        return GeneratedVolume(out.image_hu, out.label_map, out.affine, dict(out.timings_s))
+
+
+class SleepGenerator:
+    """A stub generator: sleeps ``seconds`` and returns 40 HU inside the body, -1000 HU outside."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self.model_name = f"sleep:{self.seconds:g}"
+        self.model_digest = "stub"
+        self.device = "cpu"
+
+    def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
+        time.sleep(self.seconds)
+        image = np.where(mask.label_map > 0, 40.0, -1000.0).astype(np.float32)
+        return GeneratedVolume(image, mask.label_map, mask.affine, {"total": self.seconds})
+
+
+_locks: dict[int, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _pipeline_lock(pipeline: Any) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(id(pipeline), threading.Lock())
+
+
+def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset: str | None = None) -> CaseGenerator:
+    """Resolve ``runtime.generator`` (see the module docstring) to a generator for ``model_ref``."""
+    from flows.errors import ModelRefError
+    from flows.models import load_pipeline, model_name
+
+    if name == "maisi":
+        return PipelineGenerator(load_pipeline(model_ref, device, decode_preset=decode_preset), model_name(model_ref))
+    if name.startswith("sleep:"):
+        try:
+            return SleepGenerator(float(name.split(":", 1)[1]))
+        except ValueError:
+            pass
+    elif ":" in name:
+        module, _, attr = name.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(model_ref, device, decode_preset)
+    raise ModelRefError(f"get_generator expects 'maisi', 'sleep:SECONDS' or 'module:factory', but got "
+                        f"generator={name!r}.")
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+_mask_generators: dict[tuple, Any] = {}
+
+
+def _load_mask_generator(src: Mapping[str, Any]) -> Any:
+    from maisi_core.mask_generator import MaskGenerator, MaskGeneratorConfig
+
+    key = (src.get("preset"), src.get("autoencoder_path"), src.get("diffusion_path"))
+    with _locks_guard:
+        if key not in _mask_generators:
+            if src.get("autoencoder_path"):
+                cfg = MaskGeneratorConfig.tiny() if src.get("preset") == "tiny" else MaskGeneratorConfig.official()
+                gen = MaskGenerator.from_checkpoints(cfg, autoencoder_path=src["autoencoder_path"],
+                                                     diffusion_path=src["diffusion_path"])
+            else:
+                gen = MaskGenerator.from_config(src.get("preset", "tiny"), seed=0)
+            _mask_generators[key] = gen
+        return _mask_generators[key]
+
+
+def _user_mask_file(path: str, index: int) -> str:
+    p = Path(path)
+    if p.is_file():
+        return str(p)
+    files = sorted(f for f in p.glob("*") if f.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        from maisi_core.errors import MaskSourceError
+
+        raise MaskSourceError(f"make_case_mask expects a NIfTI file or a folder holding some, but got "
+                              f"path={path!r} with none.")
+    return str(files[index % len(files)])
+
+
+def mask_options(request: CaseRequest) -> dict[str, Any]:
+    """Return ``MaskRequest.options`` for the request's mask source."""
+    src = dict(request.mask_source)
+    kind = src["type"]
+    if kind == "folder":
+        return {"folder": src["path"], "required_labels": src.get("required_labels", []),
+                "top_k": src.get("top_k", 1)}
+    if kind == "user":
+        mapping = src["label_mapping"]
+        if isinstance(mapping, dict):
+            mapping = {int(k): v for k, v in mapping.items()}
+        return {"path": _user_mask_file(src["path"], request.case_index), "mapping": mapping,
+                "unmapped": src.get("unmapped", "error"), "add_body": src.get("add_body", True)}
+    if kind == "maisi_mask_generator":
+        opts = {"generator": _load_mask_generator(src), "num_inference_steps": src.get("num_inference_steps", 1000)}
+        if src.get("size_vector"):
+            opts["size_vector"] = src["size_vector"]
+        return opts
+    return {}
+
+
+def make_case_mask(request: CaseRequest, seed: int) -> Any:
+    """Make the conditioning mask of one attempt (``maisi_core.masks.make_mask``)."""
+    from maisi_core.masks import MaskRequest, make_mask
+    from maisi_core.phantom import TumorSpec
+
+    tumor = None
+    if request.tumor_label is not None:
+        tumor = TumorSpec(request.tumor_label, tuple(request.tumor_size_mm or (10.0, 30.0)))
+    return make_mask(MaskRequest(
+        source=request.mask_source["type"], regions=request.body_region, output_size_vox=request.output_size,
+        spacing_mm=request.spacing_mm, tumor=tumor, seed=derive_seed("mask", seed), options=mask_options(request),
+    ))
+
+
+# -- QC and the case --------------------------------------------------------------------------------
+
+def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
+    """The organ HU ranges overriding MAISI's: the spec's, or the whole HU range when the organ check is off."""
+    from maisi_core.qc import HU_SANITY_RANGE, ORGAN_LABEL_IDS
+
+    if not request.qc.organ_hu_check:
+        return {organ: HU_SANITY_RANGE for organ in ORGAN_LABEL_IDS}
+    return {k: tuple(v) for k, v in request.qc.thresholds_hu.items()}
+
+
+def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attempt: int, code_version: str,
+            **fields: Any) -> SampleRecord:
+    return SampleRecord(
+        sample_id=request.sample_id, dataset=request.dataset, dataset_version=request.dataset_version,
+        spec_id=request.spec_id, cohort=request.cohort, case_index=request.case_index, seed=seed, attempt=attempt,
+        model_name=generator.model_name, model_digest=generator.model_digest, code_version=code_version,
+        body_region=request.region_name, pathology=request.pathology, output_size=request.output_size,
+        spacing_mm=request.spacing_mm, tumor_label=request.tumor_label,
+        tumor_size_mm=None if request.tumor_size_mm is None else float(request.tumor_size_mm[1]),
+        device=generator.device, **fields,
+    )
+
+
+def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str,
+             storage_options: Mapping[str, str] | None = None, code_version: str = "",
+             make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask) -> SampleRecord:
+    """Generate, check and write one case; return its catalog record.
+
+    Attempt ``k`` (0 .. ``qc.max_retries``) uses ``attempt_seed(request.seed, k)``. A mask that cannot
+    be made (e.g. the tumour's host is outside the field of view) or a QC failure moves on to the next
+    attempt. The first passing attempt is written to ``ROOT/images`` and ``ROOT/labels``; when every
+    attempt fails, nothing is written and the record has ``status="failed"`` and the reasons.
+    """
+    from maisi_core.errors import MaskSourceError
+    from maisi_core.io import save_image, save_label
+    from maisi_core.qc import check_case
+
+    t_start = time.perf_counter()
+    reasons: list[str] = []
+    last_failures: tuple[str, ...] = ()
+    last_hu: dict[str, float] = {}
+    expected_tumors = [request.tumor_label] if request.tumor_label is not None else []
+    for attempt in range(request.qc.max_retries + 1):
+        seed = attempt_seed(request.seed, attempt)
+        t0 = time.perf_counter()
+        try:
+            mask = make_mask_fn(request, seed)
+        except MaskSourceError as exc:
+            reasons.append(f"attempt {attempt}: mask: {exc}")
+            continue
+        t1 = time.perf_counter()
+        volume = generator.generate(request, mask, seed=seed)
+        t2 = time.perf_counter()
+        qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
+                        thresholds=qc_thresholds(request), expected_tumor_ids=expected_tumors)
+        t3 = time.perf_counter()
+        last_failures, last_hu = tuple(f.message for f in qc.failures), dict(qc.organ_hu_median)
+        if not qc.passed:
+            reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
+            continue
+        image, _ = publish_volume(save_image, resolve_output_uri(output_root, request.image_uri), volume.image_hu,
+                                  volume.affine, storage_options=storage_options)
+        label, _ = publish_volume(save_label, resolve_output_uri(output_root, request.label_uri), volume.label_map,
+                                  volume.affine, storage_options=storage_options)
+        t4 = time.perf_counter()
+        timings = {"mask": t1 - t0, "generate": t2 - t1, "qc": t3 - t2, "write": t4 - t3,
+                   **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": t4 - t_start}
+        return _record(request, generator, seed=seed, attempt=attempt, code_version=code_version, status="passed",
+                       qc_pass=True, mask_source=mask.mask_source, mask_id=mask.mask_id,
+                       image_uri=request.image_uri, label_uri=request.label_uri,
+                       image_sha256=image.sha256, label_sha256=label.sha256,
+                       image_bytes=image.n_bytes, label_bytes=label.n_bytes,
+                       organ_hu_median=qc.organ_hu_median, timings_s=timings)
+    attempts = request.qc.max_retries
+    logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
+    return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
+                   code_version=code_version, status="failed", qc_pass=False,
+                   mask_source=str(request.mask_source["type"]), qc_failures=last_failures,
+                   organ_hu_median=last_hu, failure_reason=" | ".join(reasons)[:4000],
+                   timings_s={"case_total": time.perf_counter() - t_start})

@@ -1,0 +1,209 @@
+"""``ctfactory run | check-spec | serve | submit``: specs in, flows out.
+
+The handlers turn arguments into typed objects (a validated spec, overrides) and call the flows.
+Prefect's ephemeral server needs no setup; this edge sets ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
+(120), turns analytics off and quiets Prefect's console log unless the user set them. With
+``PREFECT_API_URL`` set, runs report to that server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from flows.errors import FlowsError
+
+EXIT_OK = 0
+EXIT_FAILED_CASES = 1
+EXIT_BAD_INPUT = 2
+_PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def _prefect_env(verbose: bool) -> None:
+    for key, value in _PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, str]:
+    from flows.errors import SpecError
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--storage-option expects KEY=VALUE, but got {pair!r}. "
+                            "Example: --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:9000")
+        options[key] = value
+    return options
+
+
+def _bad(command: str, exc: Exception) -> int:
+    print(f"ctfactory {command}: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def run_check_spec(args: argparse.Namespace) -> int:
+    """Validate a spec (every problem at once), then print the expanded plan."""
+    from flows.models import preset_name
+    from flows.plan import format_plan, plan_dataset
+    from flows.spec import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        plan = plan_dataset(spec)
+    except FlowsError as exc:
+        return _bad("check-spec", exc)
+    sys.stdout.write(format_plan(spec, plan))
+    if preset_name(spec.model.ref) is None and spec.model.preset:
+        from flows.models import _model_dir_available
+
+        if not _model_dir_available(spec.model.ref):
+            sys.stdout.write(f"note: model directory {spec.model.ref} is not on this machine; geometry was checked "
+                             f"against preset {spec.model.preset}. The spec is valid but needs the weights to run.\n")
+    return EXIT_OK
+
+
+class _Progress:
+    """A tqdm bar fed by the flow's progress events: cases done / passed / failed, with ETA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.counts = {"passed": 0, "failed": 0, "crashed": 0}
+        self.commits = 0
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "planned" and self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=data["todo"], unit="case", desc="cases", file=sys.stderr,
+                            postfix=f"skipped {data['skipped']}")
+        elif event == "case":
+            self.counts[data["status"]] = self.counts.get(data["status"], 0) + 1
+            if self.bar is not None:
+                self.bar.set_postfix(passed=self.counts["passed"], failed=self.counts["failed"], refresh=False)
+                self.bar.update(1)
+        elif event == "committed":
+            self.commits += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary_table(summary: dict[str, Any], wall_s: float) -> str:
+    lines = [f"dataset {summary['dataset']} v{summary['dataset_version']}  spec_id {summary['spec_id']}  "
+             f"catalog samples version {summary['samples_version']}",
+             f"generated {summary['generated']}  skipped (already committed) {summary['skipped']}  "
+             f"wall {wall_s:.1f} s",
+             f"{'cohort':<20} {'rows':>6}"]
+    lines += [f"{name:<20} {count:>6}" for name, count in summary["cohort_counts"].items()]
+    lines.append(f"{'total':<20} {summary['n_samples']:>6}  passed {summary['n_passed']}  failed {summary['n_failed']}")
+    if summary.get("metrics"):
+        lines.append("metrics " + " ".join(f"{k}={v:.4g}" for k, v in sorted(summary["metrics"].items())))
+    if summary.get("card_uri"):
+        lines.append(f"dataset card {summary['card_uri']}")
+    return "\n".join(lines) + "\n"
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Run the generate-dataset flow on a spec (ephemeral Prefect unless PREFECT_API_URL is set)."""
+    _prefect_env(args.verbose)
+    from flows.spec import load_spec
+
+    try:
+        options = _storage_options(args.storage_option)
+        spec = load_spec(args.spec).with_runtime(
+            device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
+            batch_size=args.batch_size, max_workers=args.max_workers)
+        from flows.plan import plan_dataset
+
+        plan_dataset(spec)
+    except (FlowsError, ValueError) as exc:
+        return _bad("run", exc)
+    from flows.generate import run_generate
+    from flows.runtime import progress_listener
+
+    progress = _Progress(enabled=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        with progress_listener(progress):
+            summary = run_generate(spec, output_root=args.out, storage_options=options)
+    finally:
+        progress.close()
+    sys.stdout.write(_summary_table(summary, time.perf_counter() - t0))
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve the folder's specs as scheduled deployments (blocks until interrupted)."""
+    _prefect_env(args.verbose)
+    from flows.serve import load_spec_folder, serve_specs
+
+    try:
+        load_spec_folder(args.folder)
+    except FlowsError as exc:
+        return _bad("serve", exc)
+    serve_specs(args.folder, limit=args.limit)
+    return EXIT_OK
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    """Start a run of a served deployment with a spec; print the flow-run ID."""
+    _prefect_env(args.verbose)
+    from flows.errors import DeploymentError
+    from flows.spec import load_spec
+
+    try:
+        options = _storage_options(args.storage_option)
+        spec = load_spec(args.spec)
+        if not os.environ.get("PREFECT_API_URL"):
+            raise DeploymentError("submit expects PREFECT_API_URL to point at the Prefect server that "
+                                  "'ctfactory serve' reports to, but got PREFECT_API_URL unset. "
+                                  "Example: export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    except FlowsError as exc:
+        return _bad("submit", exc)
+    from flows.serve import submit_spec
+
+    print(submit_spec(spec, deployment=args.deployment, output_root=args.out, storage_options=options))
+    return EXIT_OK
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``check-spec``, ``serve`` and ``submit`` to the ``ctfactory`` parser."""
+    check = subparsers.add_parser("check-spec", help="validate a dataset spec and print its plan")
+    check.add_argument("spec", metavar="SPEC", help="YAML dataset spec")
+    check.set_defaults(func=run_check_spec)
+
+    run = subparsers.add_parser("run", help="generate the dataset a spec describes (resumes where it stopped)")
+    run.add_argument("spec", metavar="SPEC", help="YAML dataset spec")
+    run.add_argument("--out", metavar="URI", help="output root (overrides the spec's output_root)")
+    run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides runtime.device")
+    run.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run cases on an existing Dask cluster")
+    run.add_argument("--dask-local", type=int, metavar="N", help="run cases on a temporary local Dask cluster")
+    run.add_argument("--batch-size", type=int, metavar="N", help="records per catalog commit")
+    run.add_argument("--max-workers", type=int, metavar="N", help="concurrent cases on CPU")
+    run.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                     help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=run_run)
+
+    serve = subparsers.add_parser("serve", help="serve a folder of specs as scheduled Prefect deployments")
+    serve.add_argument("folder", metavar="DIR", help="folder of YAML specs")
+    serve.add_argument("--limit", type=int, metavar="N", help="at most N concurrent runs")
+    serve.set_defaults(func=run_serve)
+
+    submit = subparsers.add_parser("submit", help="start a run of a served deployment with a spec")
+    submit.add_argument("spec", metavar="SPEC", help="YAML dataset spec")
+    submit.add_argument("--deployment", default="adhoc", help="deployment name under run-spec (default adhoc)")
+    submit.add_argument("--out", metavar="URI", help="output root (overrides the spec's output_root)")
+    submit.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="storage option (repeatable)")
+    submit.set_defaults(func=run_submit)

@@ -1,0 +1,57 @@
+"""Exceptions of the flows package: one base class and a few specific subclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class FlowsError(Exception):
+    """Base class of every error raised by ``flows``."""
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem found in a dataset spec.
+
+    Attributes:
+        path: the YAML path, e.g. ``cohorts[1].pathology.size_mm``.
+        message: ``"<who> expects <rule>, but got <name>=<value>. <hint>"``.
+        source: the spec file (or ``<dict>`` when the spec was not read from a file).
+        line: 1-based line of the YAML node, or None when unknown.
+    """
+
+    path: str
+    message: str
+    source: str = "<dict>"
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{where}: {self.path or '<root>'}: {self.message}"
+
+
+class SpecError(FlowsError, ValueError):
+    """Raised when a dataset spec is invalid; lists every issue found, one per line."""
+
+    def __init__(self, issues: Sequence[SpecIssue] | str) -> None:
+        if isinstance(issues, str):
+            issues = [SpecIssue(path="", message=issues)]
+        self.issues: tuple[SpecIssue, ...] = tuple(issues)
+        n = len(self.issues)
+        head = f"{n} problem{'s' if n != 1 else ''} in the dataset spec:" if n > 1 else ""
+        lines = [head] if head else []
+        lines += [str(i) for i in self.issues]
+        super().__init__("\n".join(lines))
+
+
+class ModelRefError(FlowsError, ValueError):
+    """Raised when a spec's model reference cannot be resolved to a pipeline."""
+
+
+class OutputPathError(FlowsError, ValueError):
+    """Raised when an output path would leave the dataset output root."""
+
+
+class DeploymentError(FlowsError, RuntimeError):
+    """Raised when serving or submitting a deployment fails (no server, unknown deployment)."""

@@ -1,0 +1,215 @@
+"""The ``generate-dataset`` flow: plan → skip committed → fan out cases → commit in batches → dataset row.
+
+The flow body reads like the architecture picture; each task is one library call. Cases go to the
+task runner chosen by :func:`flows.runtime.build_task_runner` (threads, or Dask workers); a case task
+gets a :class:`CaseRequest` and returns a :class:`SampleRecord`, never arrays. Records are committed to
+the catalog every ``runtime.batch_size`` results, so a crash loses at most the batch in flight; a
+re-run skips every committed case (passed or failed) and regenerates the rest with the same seeds.
+
+Seams for other packages, used only when present:
+
+* ``flows.validate.validate_dataset(catalog, *, spec, spec_id) -> Mapping[str, float]``: dataset
+  metrics (stored in the dataset row's ``metrics``).
+* ``catalog.report.build_report_html(catalog)``: the dataset card, written to ``ROOT/dataset_card.html``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from catalog.schema import SampleRecord
+from catalog.store import open_catalog
+from flows.case import get_generator, run_case
+from flows.errors import FlowsError
+from flows.plan import CaseRequest, DatasetPlan, plan_dataset
+from flows.runtime import build_task_runner, code_version, notify
+from flows.spec import DatasetSpec, canonical_json, validate_spec
+
+REPORT_NAME = "dataset_card.html"
+
+
+@task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
+def generate_case(request: CaseRequest, *, output_root: str, storage_options: dict[str, str] | None,
+                  generator: str, device: str, decode_preset: str | None, code_version: str) -> SampleRecord:
+    """Generate, check and write one case (the model is loaded once per worker process)."""
+    gen = get_generator(generator, request.model_ref, device, decode_preset)
+    return run_case(request, gen, output_root=output_root, storage_options=storage_options,
+                    code_version=code_version)
+
+
+@task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
+def find_committed(output_root: str, storage_options: dict[str, str] | None) -> set[str]:
+    """Return the sample_ids the catalog already holds (passed and failed both count as done)."""
+    return open_catalog(output_root, storage_options).committed_sample_ids()
+
+
+@task(name="commit-records", cache_policy=NO_CACHE, persist_result=False)
+def commit_records(records: list[SampleRecord], *, output_root: str, storage_options: dict[str, str] | None,
+                   metadata: Mapping[str, Any]) -> int:
+    """Append one batch of records in one catalog commit; return the version."""
+    return open_catalog(output_root, storage_options).append_samples(records, commit_metadata=metadata)
+
+
+@task(name="record-dataset", cache_policy=NO_CACHE, persist_result=False)
+def record_dataset(spec: DatasetSpec, plan: DatasetPlan, *, output_root: str, storage_options: dict[str, str] | None,
+                   metrics: Mapping[str, float], timings: Mapping[str, float], code_version: str,
+                   new_rows: int) -> dict[str, Any]:
+    """Append the dataset row (counts, timings, model, code version); skip it when nothing changed."""
+    import pyarrow.compute as pc
+
+    from flows.models import model_name, pipeline_config
+
+    cat = open_catalog(output_root, storage_options)
+    rows = cat.read_table("samples", filter=pc.field("spec_id") == plan.spec_id,
+                          columns=["sample_id", "status", "cohort", "model_digest"]).to_pylist()
+    summary = {
+        "dataset": spec.name, "dataset_version": spec.version, "spec": canonical_json(spec), "spec_id": plan.spec_id,
+        "samples_version": cat.version, "n_samples": len(rows),
+        "n_passed": sum(r["status"] == "passed" for r in rows), "n_failed": sum(r["status"] == "failed" for r in rows),
+        "cohort_counts": {c.name: sum(r["cohort"] == c.name for r in rows) for c in spec.cohorts},
+        "metrics": dict(metrics), "timings_s": dict(timings), "code_version": code_version,
+        "model_name": model_name(spec.model.ref),
+        "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
+        "licence": pipeline_config(spec.model.ref, preset=spec.model.preset).licence,
+    }
+    if new_rows == 0 and cat.exists("datasets"):
+        done = cat.read_table("datasets", filter=(pc.field("spec_id") == plan.spec_id)
+                              & (pc.field("samples_version") == summary["samples_version"]))
+        if done.num_rows:
+            return {**summary, "datasets_version": None}
+    version = cat.append_dataset(summary, commit_metadata={"spec_id": plan.spec_id, "code_version": code_version})
+    return {**summary, "datasets_version": version}
+
+
+@task(name="validate-dataset", cache_policy=NO_CACHE, persist_result=False)
+def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
+                     storage_options: dict[str, str] | None) -> dict[str, float]:
+    """Dataset metrics from ``flows.validate.validate_dataset`` when that module exists, else none."""
+    if importlib.util.find_spec("flows.validate") is None:
+        return {}
+    from flows import validate
+
+    cat = open_catalog(output_root, storage_options)
+    return {str(k): float(v) for k, v in validate.validate_dataset(cat, spec=spec, spec_id=spec_id).items()}
+
+
+@task(name="publish-card", cache_policy=NO_CACHE, persist_result=False)
+def publish_card(output_root: str, storage_options: dict[str, str] | None) -> str | None:
+    """Write the HTML dataset card to ``ROOT/dataset_card.html`` with ``catalog.report`` when present."""
+    if importlib.util.find_spec("catalog.report") is None:
+        return None
+    import fsspec
+
+    from catalog.report import build_report_html
+    from flows.plan import resolve_output_uri
+    from flows.storage import fsspec_options
+
+    uri = resolve_output_uri(output_root, REPORT_NAME)
+    html = build_report_html(open_catalog(output_root, storage_options))
+    with fsspec.open(uri, "w", encoding="utf-8", **fsspec_options(uri, storage_options)) as fh:
+        fh.write(html)
+    return uri
+
+
+def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str, storage_options, version: str,
+                  gpu_resources: bool) -> dict[PrefectFuture, CaseRequest]:
+    import contextlib
+
+    rt = spec.runtime
+    annotate = contextlib.nullcontext()
+    if gpu_resources:
+        import dask
+
+        annotate = dask.annotate(resources={"GPU": 1})
+    with annotate:
+        return {generate_case.submit(c, output_root=output_root, storage_options=storage_options,
+                                     generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
+                                     code_version=version): c for c in cases}
+
+
+def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,
+                        storage_options, metadata: Mapping[str, Any]) -> tuple[list[SampleRecord], list[str]]:
+    """Commit records every ``batch_size`` results as they complete; return (records, crashed case errors)."""
+    logger = get_run_logger()
+    records: list[SampleRecord] = []
+    batch: list[SampleRecord] = []
+    crashed: list[str] = []
+
+    def flush() -> None:
+        if batch:
+            version = commit_records(list(batch), output_root=output_root, storage_options=storage_options,
+                                     metadata=metadata)
+            notify("committed", version=version, rows=len(batch))
+            logger.info("committed %d records as samples version %s", len(batch), version)
+            batch.clear()
+
+    for future in as_completed(list(futures)):
+        request = futures[future]
+        try:
+            record = future.result()
+        except Exception as exc:  # a crashed case is not recorded: a re-run retries it
+            crashed.append(f"{request.sample_id}: {type(exc).__name__}: {exc}")
+            notify("case", sample_id=request.sample_id, status="crashed")
+            continue
+        records.append(record)
+        batch.append(record)
+        notify("case", sample_id=record.sample_id, status=record.status)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return records, crashed
+
+
+@flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
+def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_options: dict[str, str] | None = None,
+                     code_version_: str | None = None, gpu_resources: bool = False) -> dict[str, Any]:
+    """Generate (or complete) the dataset a spec describes and return its dataset summary.
+
+    Args:
+        spec: the validated spec (a mapping is validated).
+        output_root: overrides ``spec.output_root`` (local path or fsspec URI).
+        storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`flows.storage`).
+        code_version_: code version recorded on every row (computed here when None).
+        gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
+    """
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    spec = validate_spec(spec)
+    root = output_root or spec.output_root
+    version = code_version_ or code_version()
+    plan = plan_dataset(spec)
+    done = find_committed(root, storage_options)
+    todo = [c for c in plan.cases if c.sample_id not in done]
+    notify("planned", total=len(plan.cases), skipped=len(plan.cases) - len(todo), todo=len(todo))
+    logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
+                len(plan.cases) - len(todo), len(todo))
+    futures = _submit_cases(todo, spec, root, storage_options, version, gpu_resources)
+    meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
+    records, crashed = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
+                                           storage_options=storage_options, metadata=meta)
+    metrics = validate_dataset(spec, plan.spec_id, output_root=root, storage_options=storage_options)
+    timings = {"wall": time.perf_counter() - t0, "cases": float(len(records))}
+    summary = record_dataset(spec, plan, output_root=root, storage_options=storage_options, metrics=metrics,
+                             timings=timings, code_version=version, new_rows=len(records))
+    summary["card_uri"] = publish_card(root, storage_options) if summary["n_samples"] else None
+    if crashed:
+        raise FlowsError(f"generate_dataset expects every case to finish, but got {len(crashed)} crashed case(s), "
+                         f"first {crashed[0]}. Committed cases are kept; run again to retry the rest.")
+    return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo)}
+
+
+def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
+                 storage_options: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run :func:`generate_dataset` with the task runner the spec's runtime section asks for."""
+    choice = build_task_runner(spec.runtime)
+    configured = generate_dataset.with_options(task_runner=choice.runner)
+    return configured(spec, output_root=output_root, storage_options=dict(storage_options or {}) or None,
+                      code_version_=code_version(), gpu_resources=choice.gpu_resources)

@@ -1,0 +1,119 @@
+"""Model references of a spec resolved to pipelines: one place, one cache per process (or Dask worker).
+
+A reference is ``preset:NAME`` (a preset with seeded random weights, ``init_seed=0``: for tests and
+CPU demos, not CT-like), ``default`` (the embedded model, once it ships) or a model directory.
+:func:`load_pipeline` builds each (reference, device, decode preset) once per process, so a worker
+that runs many cases loads the weights once. :func:`geometry_rules` reads only the config (no weights)
+for planning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flows.errors import ModelRefError
+
+if TYPE_CHECKING:
+    from maisi_core.config import GeometryRules, PipelineConfig
+    from maisi_core.pipeline import MaisiPipeline
+
+logger = logging.getLogger(__name__)
+
+PRESET_PREFIX = "preset:"
+PRESET_INIT_SEED = 0  # the seeded random weights of ``preset:NAME``
+
+_cache: dict[tuple[str, str, str | None], MaisiPipeline] = {}
+_lock = threading.Lock()
+
+
+def preset_name(ref: str) -> str | None:
+    """Return NAME for ``preset:NAME`` references, else None."""
+    return ref[len(PRESET_PREFIX):] if ref.startswith(PRESET_PREFIX) else None
+
+
+def _model_dir_available(ref: str) -> bool:
+    from maisi_core.weights import INDEX_NAME, resolve_model_path
+
+    return (resolve_model_path(ref) / INDEX_NAME).is_file()
+
+
+def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
+    """Return the pipeline config of a model reference without loading weights.
+
+    Args:
+        ref: ``preset:NAME``, ``default`` or a model directory.
+        preset: preset to plan with when the directory is not on this machine.
+
+    Raises:
+        ModelRefError: unknown preset; directory absent and no ``preset`` given.
+    """
+    from maisi_core.config import PipelineConfig
+    from maisi_core.errors import ConfigError
+    from maisi_core.presets import get_preset
+    from maisi_core.weights import read_index
+
+    name = preset_name(ref)
+    try:
+        if name is not None:
+            return get_preset(name)
+        if _model_dir_available(ref):
+            return PipelineConfig.from_dict(read_index(ref)["pipeline_config"])
+        if preset is not None:
+            return get_preset(preset)
+    except ConfigError as exc:
+        raise ModelRefError(str(exc)) from None
+    raise ModelRefError(
+        f"load_pipeline expects 'preset:NAME', 'default' (once shipped) or a model directory with "
+        f"model_index.json, but got model={ref!r}, which is not on this machine. Give model.preset "
+        f"(e.g. maisi_ct_rflow) to plan without the weights, or use 'preset:tiny' for a CPU demo."
+    )
+
+
+def geometry_rules(ref: str, *, preset: str | None = None) -> GeometryRules:
+    """Return the output-size and spacing rules of the model (see :mod:`maisi_core.geometry`)."""
+    return pipeline_config(ref, preset=preset).geometry
+
+
+def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None = None) -> MaisiPipeline:
+    """Return the pipeline for ``ref`` on ``device``, built once per process and cached.
+
+    Raises:
+        ModelRefError: unknown preset or missing model directory.
+    """
+    from maisi_core.errors import ConfigError, WeightsNotFoundError
+    from maisi_core.pipeline import MaisiPipeline, resolve_device
+    from maisi_core.presets import get_preset
+
+    dev = str(resolve_device(device))
+    key = (ref, dev, decode_preset)
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+        name = preset_name(ref)
+        try:
+            if name is not None:
+                pipe = MaisiPipeline.from_config(get_preset(name), device=dev, init_seed=PRESET_INIT_SEED,
+                                                 decode_preset=decode_preset)
+                pipe.model_digest = f"{ref}@init_seed={PRESET_INIT_SEED}"
+            else:
+                pipe = MaisiPipeline.from_pretrained(ref, device=dev, decode_preset=decode_preset)
+        except (ConfigError, WeightsNotFoundError) as exc:
+            raise ModelRefError(f"load_pipeline could not load model={ref!r}: {exc}") from None
+        logger.info("loaded model %s on %s", ref, dev)
+        _cache[key] = pipe
+        return pipe
+
+
+def clear_cache() -> None:
+    """Forget every cached pipeline (tests)."""
+    with _lock:
+        _cache.clear()
+
+
+def model_name(ref: str) -> str:
+    """A short model name for the catalog: the preset name or the directory name."""
+    name = preset_name(ref)
+    return name if name is not None else Path(ref).name or ref

@@ -1,0 +1,263 @@
+"""Planning: a validated spec expands deterministically into one :class:`CaseRequest` per case.
+
+Pure (no Prefect). Each case gets
+
+* ``sample_id = f"{dataset}-{cohort}-{index:05d}-{spec_id[:8]}"`` (letters, digits, ``_ . -`` only),
+* ``seed = derive_seed(spec_id, spec.seed, cohort, index)``: the first 8 bytes of a sha256, as an
+  integer below 2**31; retry ``k`` uses :func:`attempt_seed` ``(seed, k)``,
+* output URIs ``ROOT/images/<sample_id>.nii.gz`` and ``ROOT/labels/<sample_id>.nii.gz``, checked to
+  stay inside the output root.
+
+Geometry (size, spacing, field of view) is checked here against the model's preset rules, before
+anything touches a GPU; every problem is reported at once with its place in the spec file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.errors import FlowsError, OutputPathError, SpecError, SpecIssue
+from flows.spec import Cohort, DatasetSpec, QCSettings, is_safe_name, spec_id
+
+SEED_MODULUS = 2**31
+IMAGES_DIR = "images"
+LABELS_DIR = "labels"
+VOLUME_SUFFIX = ".nii.gz"
+
+# Output size (voxels) and spacing (mm) when a cohort gives none: sizes and fields of view inside the
+# released MAISI CT limits (x == y in {256, 384, 512}, FOV >= 256 mm; see maisi_core.geometry).
+REGION_DEFAULTS: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
+    "head_neck": ((256, 256, 256), (1.0, 1.0, 1.0)),
+    "chest": ((512, 512, 128), (0.75, 0.75, 2.5)),
+    "abdomen": ((512, 512, 128), (0.8, 0.8, 2.5)),
+    "lower": ((512, 512, 256), (0.8, 0.8, 2.5)),
+}
+MULTI_REGION_DEFAULT = ((512, 512, 256), (0.8, 0.8, 2.5))
+# Rough activation bytes per output voxel of a whole-volume decode (models without a decode window).
+_WHOLE_DECODE_BYTES_PER_VOXEL = 256
+
+
+class CaseRequest(BaseModel):
+    """Everything one generation task needs; small and JSON-serialisable (no arrays, no models)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_id: str
+    dataset: str
+    dataset_version: str
+    spec_id: str
+    cohort: str
+    case_index: int
+    seed: int
+    model_ref: str
+    body_region: tuple[str, ...]
+    pathology: str
+    tumor_label: int | None = None
+    tumor_size_mm: tuple[float, float] | None = None
+    output_size: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    mask_source: dict[str, Any]
+    qc: QCSettings
+    num_inference_steps: int | None
+    image_uri: str  # relative to the output root
+    label_uri: str
+
+    @property
+    def region_name(self) -> str:
+        """The body region(s) as one catalog string, e.g. ``chest`` or ``chest+abdomen``."""
+        return "+".join(self.body_region)
+
+
+@dataclass(frozen=True)
+class CohortPlan:
+    """What one cohort expands to."""
+
+    name: str
+    count: int
+    body_region: tuple[str, ...]
+    pathology: str
+    output_size: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    num_inference_steps: int
+    mask_source: str
+    est_gpu_memory_gb: float
+    memory_note: str
+
+    @property
+    def voxels_per_case(self) -> int:
+        """Voxels of one output volume."""
+        x, y, z = self.output_size
+        return x * y * z
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """The expanded spec: its ID, one request per case, and per-cohort summaries."""
+
+    spec_id: str
+    cases: tuple[CaseRequest, ...]
+    cohorts: tuple[CohortPlan, ...]
+
+    @property
+    def total_voxels(self) -> int:
+        """Voxels over every case."""
+        return sum(c.voxels_per_case * c.count for c in self.cohorts)
+
+
+def derive_seed(*parts: object) -> int:
+    """Return a seed in [0, 2**31) from the first 8 bytes of sha256 over ``parts`` joined by ``|``."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
+
+
+def case_seed(sid: str, global_seed: int, cohort: str, index: int) -> int:
+    """The seed of case ``index`` of ``cohort``: a function of spec_id, global seed, cohort and index."""
+    return derive_seed("case", sid, global_seed, cohort, index)
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of retry ``attempt`` (0 is the case seed itself)."""
+    return seed if attempt == 0 else derive_seed("retry", seed, attempt)
+
+
+def make_sample_id(dataset: str, cohort: str, index: int, sid: str) -> str:
+    """Return ``f"{dataset}-{cohort}-{index:05d}-{sid[:8]}"``; refuse unsafe characters."""
+    sample_id = f"{dataset}-{cohort}-{index:05d}-{sid[:8]}"
+    if not is_safe_name(sample_id):
+        raise OutputPathError(f"make_sample_id expects letters, digits, '_', '.', '-', but got "
+                              f"sample_id={sample_id!r}. Rename the dataset or cohort.")
+    return sample_id
+
+
+def resolve_output_uri(root: str, relative: str) -> str:
+    """Join ``relative`` under ``root`` and check the result stays inside the root.
+
+    Raises:
+        OutputPathError: the relative path is absolute, has a scheme, or climbs out with ``..``.
+    """
+    rel = str(relative)
+    if "://" in rel or rel.startswith(("/", "\\")) or "\\" in rel:
+        raise OutputPathError(f"resolve_output_uri expects a relative path inside the output root, but got "
+                              f"relative={rel!r}.")
+    norm = posixpath.normpath(rel)
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        raise OutputPathError(f"resolve_output_uri expects a path that stays inside the output root, but got "
+                              f"relative={rel!r}.")
+    if "://" in root and not root.startswith("file://"):
+        return root.rstrip("/") + "/" + norm
+    base = Path(root.removeprefix("file://")).expanduser().resolve()
+    full = (base / norm).resolve()
+    if not full.is_relative_to(base):
+        raise OutputPathError(f"resolve_output_uri expects a path that stays inside {base}, but got "
+                              f"relative={rel!r} (resolves to {full}).")
+    return str(full)
+
+
+def case_paths(sample_id: str) -> tuple[str, str]:
+    """Return the (image, label) paths of a case relative to the output root."""
+    if not is_safe_name(sample_id):
+        raise OutputPathError(f"case_paths expects a safe sample_id, but got sample_id={sample_id!r}.")
+    return f"{IMAGES_DIR}/{sample_id}{VOLUME_SUFFIX}", f"{LABELS_DIR}/{sample_id}{VOLUME_SUFFIX}"
+
+
+def default_geometry(regions: tuple[str, ...]) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Return the (output size, spacing) used when a cohort gives none."""
+    return REGION_DEFAULTS[regions[0]] if len(regions) == 1 else MULTI_REGION_DEFAULT
+
+
+def estimate_gpu_memory_gb(config: Any, output_size: tuple[int, int, int], decode_preset: str | None) -> tuple[float, str]:
+    """Estimate the peak GPU memory of one case (set by VAE decoding) and say how it was estimated.
+
+    Windowed decoding (released models) is bounded by the decode preset's memory class
+    (``maisi_core.decoding``): the named one, or the smallest class measured to fit the size
+    (256^3 and 512^2 x 128 in 16 GB, 512^3 in 24 GB, larger in 80 GB). Whole-volume decoding
+    (``tiny``) is estimated from the voxel count.
+    """
+    from maisi_core.decoding import get_decode_preset
+
+    voxels = output_size[0] * output_size[1] * output_size[2]
+    if decode_preset not in (None, "auto"):
+        p = get_decode_preset(decode_preset)
+        return float(p.gpu_memory_gb), f"decode preset {p.name}"
+    if config.decode_roi_latent is None:
+        gb = voxels * _WHOLE_DECODE_BYTES_PER_VOXEL / 1024**3
+        return round(gb, 3), "whole-volume decode, rough"
+    name = "16g" if voxels <= 512 * 512 * 128 else "24g" if voxels <= 512**3 else "80g"
+    return float(get_decode_preset(name).gpu_memory_gb), f"decode preset {name}"
+
+
+def _plan_cohort(spec: DatasetSpec, index: int, cohort: Cohort, config: Any, issues: list[SpecIssue]) -> CohortPlan | None:
+    from maisi_core.errors import GeometryError
+    from maisi_core.geometry import check_geometry
+
+    size, spacing = default_geometry(tuple(cohort.body_region))
+    size = tuple(cohort.output_size or size)
+    spacing = tuple(cohort.spacing_mm or spacing)
+    where = ("cohorts", index, "output_size" if cohort.output_size else "spacing_mm" if cohort.spacing_mm else "name")
+    try:
+        size, spacing = check_geometry(config.geometry, size, spacing, who=f"Cohort[{cohort.name}] on model {config.name}")
+    except GeometryError as exc:
+        issues.append(spec.source.issue(where, str(exc)))
+        return None
+    memory, note = estimate_gpu_memory_gb(config, size, spec.runtime.decode_preset)
+    steps = cohort.num_inference_steps or config.scheduler.default_num_inference_steps
+    return CohortPlan(cohort.name, cohort.count, tuple(cohort.body_region), cohort.pathology_name, size, spacing,
+                      steps, cohort.mask_source.type, memory, note)
+
+
+def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
+    """Expand a spec into cases, checking geometry against the model's rules.
+
+    Raises:
+        SpecError: listing every geometry or model-reference problem with its location.
+    """
+    from flows.models import pipeline_config
+
+    issues: list[SpecIssue] = []
+    try:
+        config = pipeline_config(spec.model.ref, preset=spec.model.preset)
+    except FlowsError as exc:
+        raise SpecError([spec.source.issue(("model",), str(exc))]) from None
+    sid = spec_id(spec)
+    cohorts = [_plan_cohort(spec, i, c, config, issues) for i, c in enumerate(spec.cohorts)]
+    if issues:
+        raise SpecError(issues)
+    cases = []
+    for cohort, cp in zip(spec.cohorts, cohorts, strict=True):
+        tumor = cohort.pathology
+        for i in range(cohort.count):
+            sample_id = make_sample_id(spec.name, cohort.name, i, sid)
+            image, label = case_paths(sample_id)
+            cases.append(CaseRequest(
+                sample_id=sample_id, dataset=spec.name, dataset_version=spec.version, spec_id=sid,
+                cohort=cohort.name, case_index=i, seed=case_seed(sid, spec.seed, cohort.name, i),
+                model_ref=spec.model.ref, body_region=tuple(cohort.body_region), pathology=cohort.pathology_name,
+                tumor_label=None if tumor is None else tumor.label_id,
+                tumor_size_mm=None if tumor is None else tumor.size_mm,
+                output_size=cp.output_size, spacing_mm=cp.spacing_mm,
+                mask_source=cohort.mask_source.model_dump(mode="json"), qc=cohort.qc,
+                num_inference_steps=cp.num_inference_steps, image_uri=image, label_uri=label,
+            ))
+    return DatasetPlan(spec_id=sid, cases=tuple(cases), cohorts=tuple(c for c in cohorts if c is not None))
+
+
+def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
+    """Return the plan as a text table (what ``ctfactory check-spec`` prints)."""
+    head = (f"dataset {spec.name} v{spec.version}  spec_id {plan.spec_id}  model {spec.model.ref}  "
+            f"seed {spec.seed}\noutput_root {spec.output_root}\n")
+    cols = ["cohort", "cases", "region", "pathology", "size (vox)", "spacing (mm)", "steps", "mask", "voxels",
+            "GPU mem/case"]
+    rows = [[c.name, str(c.count), "+".join(c.body_region), c.pathology, "x".join(map(str, c.output_size)),
+             "x".join(f"{s:g}" for s in c.spacing_mm), str(c.num_inference_steps), c.mask_source,
+             f"{c.voxels_per_case * c.count:,}", f"{c.est_gpu_memory_gb:g} GB ({c.memory_note})"]
+            for c in plan.cohorts]
+    rows.append(["total", str(len(plan.cases)), "", "", "", "", "", "", f"{plan.total_voxels:,}", ""])
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [cols, *rows]]
+    return head + "\n".join(lines) + "\n"

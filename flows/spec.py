@@ -1,0 +1,379 @@
+"""The dataset spec: pydantic v2 models (``extra="forbid"`` everywhere), YAML loading and ``spec_id``.
+
+Pure: no Prefect import. A spec names the dataset, the model, where to write, and cohorts of cases;
+:func:`load_spec` reads YAML with line numbers so every error names the file, the YAML path and the
+line. The spec's content hash :func:`spec_id` excludes ``output_root``, ``runtime`` and ``schedule``
+(where and when to run does not change what is generated).
+
+``model`` accepts a string or a mapping:
+
+* ``preset:tiny``: the ``tiny`` preset with seeded random weights (``init_seed=0``). It exists so the
+  factory runs end to end on a CPU before real weights are available; its images are not CT-like.
+* ``default``: the embedded default model (``maisi_core/models/default``; not shipped yet).
+* a model directory path (``model_index.json`` + safetensors), optionally with ``preset:`` naming the
+  preset whose geometry rules apply when the directory is not on the planning machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from flows.errors import SpecError
+from flows.spec_source import SourceMap, issue_from_pydantic, load_yaml
+
+SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME_RULE = "a name of letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
+
+# Tumour type -> (MAISI label ID, host organ names, body regions the host lies in).
+TUMOR_TYPES: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
+    "lung_tumor": (23, ("lung",), ("chest",)),
+    "hepatic_tumor": (26, ("liver",), ("abdomen",)),
+    "pancreatic_tumor": (24, ("pancreas",), ("abdomen",)),
+    "colon_tumor": (27, ("colon",), ("abdomen", "lower")),
+    "bone_lesion": (128, ("bone",), ("head_neck", "chest", "abdomen", "lower")),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_model_ref(value: Any) -> Any:
+    return {"ref": value} if isinstance(value, str) else value
+
+
+def _as_mask_source(value: Any) -> Any:
+    return {"type": value} if isinstance(value, str) else value
+
+
+def _as_region_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _none_pathology(value: Any) -> Any:
+    return None if value is None or (isinstance(value, str) and value.strip().lower() == "none") else value
+
+
+class ModelRef(_Strict):
+    """Which model generates: ``preset:NAME``, ``default`` or a model directory path."""
+
+    ref: str = Field(min_length=1, description="'preset:tiny', 'default' or a model directory path")
+    preset: str | None = Field(None, description="preset whose geometry rules plan a directory that is absent here")
+
+
+class Tumor(_Strict):
+    """A tumour to place in its host organ."""
+
+    type: Literal["lung_tumor", "hepatic_tumor", "pancreatic_tumor", "colon_tumor", "bone_lesion"]
+    size_mm: tuple[float, float] = Field(description="[min, max] diameter in mm")
+    host_organ: str | None = Field(None, description="implied by type; when given it must match")
+
+    @model_validator(mode="after")
+    def _check(self) -> Tumor:
+        lo, hi = self.size_mm
+        if not 0 < lo <= hi <= 300:
+            raise ValueError(f"Tumor expects size_mm [min, max] with 0 < min <= max <= 300, but got "
+                             f"size_mm={list(self.size_mm)}.")
+        hosts = TUMOR_TYPES[self.type][1]
+        if self.host_organ is not None and self.host_organ not in hosts:
+            raise ValueError(f"Tumor expects host_organ in {list(hosts)} for type={self.type!r}, but got "
+                             f"host_organ={self.host_organ!r}. Leave it out: the host is implied by the type.")
+        return self
+
+    @property
+    def label_id(self) -> int:
+        """The tumour's MAISI label ID."""
+        return TUMOR_TYPES[self.type][0]
+
+
+class PhantomMasks(_Strict):
+    """Masks drawn by the procedural phantom (the default)."""
+
+    type: Literal["phantom"] = "phantom"
+
+
+class FolderMasks(_Strict):
+    """Candidate masks from a local folder (the closest by geometry, drawn per case by seed)."""
+
+    type: Literal["folder"]
+    path: str = Field(min_length=1, description="folder of NIfTI label maps (with or without mask_index.json)")
+    required_labels: list[int | str] = Field(default_factory=list, description="IDs or names a candidate must hold")
+    top_k: int = Field(1, ge=1, le=1000, description="draw among the k best candidates")
+
+
+class UserMasks(_Strict):
+    """User label maps (one local NIfTI file, or a folder: case i takes file i mod n in name order)."""
+
+    type: Literal["user"]
+    path: str = Field(min_length=1)
+    label_mapping: dict[int, int | str] | Literal["maisi", "totalsegmentator"] = Field(
+        description="source ID -> MAISI ID or name; 'totalsegmentator' (v2 total task) or 'maisi' (already MAISI IDs)")
+    unmapped: Literal["error", "background", "body"] = "error"
+    add_body: bool = Field(True, description="add body label 200 around the labelled structures")
+
+
+class GeneratorMasks(_Strict):
+    """Masks from MAISI's mask generator (released checkpoints, or ``preset: tiny`` random weights for tests)."""
+
+    type: Literal["maisi_mask_generator"]
+    autoencoder_path: str | None = None
+    diffusion_path: str | None = None
+    preset: Literal["tiny", "official"] = "official"
+    size_vector: list[float] | None = Field(None, min_length=10, max_length=10)
+    num_inference_steps: int = Field(1000, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneratorMasks:
+        if self.preset == "official" and not (self.autoencoder_path and self.diffusion_path):
+            raise ValueError("GeneratorMasks expects autoencoder_path and diffusion_path with preset 'official', "
+                             f"but got autoencoder_path={self.autoencoder_path!r}, "
+                             f"diffusion_path={self.diffusion_path!r}. Give both released checkpoints.")
+        return self
+
+
+MaskSource = Annotated[
+    PhantomMasks | FolderMasks | UserMasks | GeneratorMasks,
+    Field(discriminator="type"),
+    BeforeValidator(_as_mask_source, json_schema_input_type=str | dict),
+]
+
+
+class QCSettings(_Strict):
+    """Quality-check settings of a cohort."""
+
+    thresholds_hu: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="organ -> [low, high] median HU overriding MAISI's reference range")
+    organ_hu_check: bool = Field(True, description="false: organ median-HU ranges are not checked (sanity "
+                                                   "checks still run); for random or untrained weights")
+    max_retries: int = Field(2, ge=0, le=10, description="re-tries on derived seeds after a failed attempt")
+
+    @model_validator(mode="after")
+    def _check(self) -> QCSettings:
+        from maisi_core.qc import ORGAN_LABEL_IDS
+        from maisi_core.errors import did_you_mean
+
+        for organ, (low, high) in self.thresholds_hu.items():
+            if organ not in ORGAN_LABEL_IDS:
+                raise ValueError(f"QCSettings expects thresholds_hu organs from {sorted(ORGAN_LABEL_IDS)}, but "
+                                 f"got organ={organ!r}.{did_you_mean(organ, ORGAN_LABEL_IDS)}")
+            if not low < high:
+                raise ValueError(f"QCSettings expects thresholds_hu [low, high] with low < high, but got "
+                                 f"{organ}={[low, high]}.")
+        return self
+
+
+class Cohort(_Strict):
+    """A group of cases sharing region, pathology, geometry and mask source."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    count: int = Field(ge=1, le=1_000_000)
+    body_region: Annotated[list[str], BeforeValidator(_as_region_list, json_schema_input_type=str | list[str])]
+    pathology: Annotated[Tumor | None, BeforeValidator(_none_pathology, json_schema_input_type=Literal["none"] | dict)] = None
+    output_size: tuple[int, int, int] | None = Field(None, description="(x, y, z) voxels; region default if absent")
+    spacing_mm: tuple[float, float, float] | None = Field(None, description="(x, y, z) mm; region default if absent")
+    mask_source: MaskSource = Field(default_factory=PhantomMasks)
+    qc: QCSettings = Field(default_factory=QCSettings)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000, description="model default if absent")
+
+    @field_validator("body_region")
+    @classmethod
+    def _normalise_regions(cls, value: list[str]) -> list[str]:
+        from maisi_core.errors import LabelNameError
+        from maisi_core.labels import BODY_REGIONS, normalize_region
+
+        out = []
+        for r in value:
+            try:
+                out.append(normalize_region(str(r)))
+            except LabelNameError as exc:
+                raise ValueError(str(exc).replace("normalize_region", "Cohort.body_region")) from None
+        if not out:
+            raise ValueError(f"Cohort expects at least one body_region from {list(BODY_REGIONS)}, but got "
+                             "body_region=[].")
+        return [r for r in BODY_REGIONS if r in out]
+
+    @model_validator(mode="after")
+    def _check(self) -> Cohort:
+        if self.pathology is not None:
+            regions = TUMOR_TYPES[self.pathology.type][2]
+            if not set(regions) & set(self.body_region):
+                raise ValueError(f"Cohort expects a body_region containing the {self.pathology.type}'s host "
+                                 f"({' or '.join(regions)}), but got body_region={self.body_region}. "
+                                 f"Add {regions[0]!r} to body_region.")
+        for name in ("output_size", "spacing_mm"):
+            value = getattr(self, name)
+            if value is not None and any(v <= 0 for v in value):
+                raise ValueError(f"Cohort expects positive {name}, but got {name}={list(value)}.")
+        return self
+
+    @property
+    def pathology_name(self) -> str:
+        """``none`` or the tumour type."""
+        return "none" if self.pathology is None else self.pathology.type
+
+
+class Schedule(_Strict):
+    """When a served deployment runs: a cron expression or a fixed interval."""
+
+    cron: str | None = Field(None, description='five-field cron, e.g. "0 2 * * *"')
+    interval_minutes: int | None = Field(None, ge=1)
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if (self.cron is None) == (self.interval_minutes is None):
+            raise ValueError(f"Schedule expects exactly one of cron or interval_minutes, but got "
+                             f"cron={self.cron!r}, interval_minutes={self.interval_minutes!r}.")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(f"Schedule expects a five-field cron expression (minute hour day month weekday), "
+                             f"but got cron={self.cron!r}. Example: \"0 2 * * *\".")
+        return self
+
+
+class Runtime(_Strict):
+    """How to run (not part of ``spec_id``); the CLI may override each field."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dask_address: str | None = Field(None, pattern=r"^(tcp|tls|inproc|ucx)://.+")
+    dask_local_workers: int | None = Field(None, ge=1, le=256)
+    batch_size: int = Field(8, ge=1, le=10_000, description="records per catalog commit")
+    gpu_slots: int = Field(1, ge=1, le=16, description="concurrent cases per GPU")
+    max_workers: int = Field(1, ge=1, le=256, description="concurrent cases on CPU")
+    decode_preset: Literal["auto", "16g", "24g", "32g", "80g"] | None = None
+    generator: str = Field("maisi", description="case generator (flows.case.GENERATORS): 'maisi', "
+                                                "'sleep:SECONDS' (benchmark stub) or 'module:factory'")
+
+
+class DatasetSpec(_Strict):
+    """A dataset to generate."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$")
+    description: str = ""
+    model: Annotated[ModelRef, BeforeValidator(_as_model_ref, json_schema_input_type=str | dict)]
+    output_root: str = Field(min_length=1, description="local path or fsspec URI (s3://bucket/prefix)")
+    seed: int = Field(0, ge=0, lt=2**63)
+    cohorts: list[Cohort] = Field(min_length=1)
+    schedule: Schedule | None = None
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    _source: SourceMap | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        names = [c.name for c in self.cohorts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"DatasetSpec expects unique cohort names, but got name={dup[0]!r} more than once.")
+        return self
+
+    @property
+    def source(self) -> SourceMap:
+        """Where the spec was read from (file and lines); ``<dict>`` when built in code."""
+        return self._source or SourceMap()
+
+    def with_runtime(self, *, output_root: str | None = None, **runtime: Any) -> DatasetSpec:
+        """Return a copy with ``output_root`` and runtime fields replaced (None values are ignored)."""
+        rt = self.runtime.model_copy(update={k: v for k, v in runtime.items() if v is not None})
+        Runtime.model_validate(rt.model_dump())
+        update: dict[str, Any] = {"runtime": rt}
+        if output_root is not None:
+            update["output_root"] = output_root
+        new = self.model_copy(update=update)
+        new._source = self._source
+        return new
+
+
+def _field_names() -> dict[tuple[str, ...], list[str]]:
+    names: dict[tuple[str, ...], list[str]] = {(): list(DatasetSpec.model_fields)}
+    names[("model",)] = list(ModelRef.model_fields)
+    names[("cohorts",)] = list(Cohort.model_fields)
+    names[("cohorts", "pathology")] = list(Tumor.model_fields)
+    names[("cohorts", "qc")] = list(QCSettings.model_fields)
+    names[("cohorts", "mask_source")] = sorted({*FolderMasks.model_fields, *UserMasks.model_fields,
+                                                *GeneratorMasks.model_fields})
+    names[("schedule",)] = list(Schedule.model_fields)
+    names[("runtime",)] = list(Runtime.model_fields)
+    return names
+
+
+def validate_spec(data: Any, smap: SourceMap | None = None) -> DatasetSpec:
+    """Validate spec data (a mapping); raise :class:`SpecError` listing every problem with its location."""
+    smap = smap or SourceMap()
+    if isinstance(data, DatasetSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError([smap.issue((), f"DatasetSpec expects a mapping at the top level, but got "
+                                        f"{type(data).__name__}.")])
+    try:
+        spec = DatasetSpec.model_validate(data)
+    except ValidationError as exc:
+        names = _field_names()
+        issues = [issue_from_pydantic(e, smap, names) for e in exc.errors()]
+        issues.sort(key=lambda i: (i.line or 0, i.path))
+        raise SpecError(issues) from None
+    spec._source = smap
+    return spec
+
+
+def load_spec(path: str | Path) -> DatasetSpec:
+    """Read and validate a YAML spec file; raise :class:`SpecError` naming file, YAML path and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"load_spec expects an existing YAML file, but got path={str(path)!r}.")
+    return parse_spec(p.read_text(encoding="utf-8"), source=str(path))
+
+
+def parse_spec(text: str, *, source: str = "<string>") -> DatasetSpec:
+    """Validate YAML text as a spec (see :func:`load_spec`)."""
+    data, smap, issues = load_yaml(text, source)
+    if issues and data is None:
+        raise SpecError(issues)
+    try:
+        spec = validate_spec(data, smap)
+    except SpecError as exc:
+        raise SpecError(sorted([*issues, *exc.issues], key=lambda i: (i.line or 0, i.path))) from None
+    if issues:
+        raise SpecError(issues)
+    return spec
+
+
+def canonical_json(spec: DatasetSpec) -> str:
+    """The spec's content as canonical JSON (sorted keys, no spaces), without where/when/how to run."""
+    content = spec.model_dump(mode="json", exclude={"output_root", "runtime", "schedule"})
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def spec_id(spec: DatasetSpec) -> str:
+    """Return the spec's content hash: the first 16 hex characters of sha256(canonical JSON)."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:SPEC_ID_HEX]
+
+
+def json_schema() -> dict[str, Any]:
+    """Return the JSON schema of :class:`DatasetSpec` (what ``specs/schema.json`` holds)."""
+    schema = DatasetSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ctfactory dataset spec"
+    return schema
+
+
+def write_json_schema(path: str | Path) -> Path:
+    """Write :func:`json_schema` to ``path`` (``specs/schema.json``) and return the path."""
+    p = Path(path)
+    p.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return p
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def is_safe_name(text: str) -> bool:
+    """Return True when ``text`` is made of letters, digits, '_', '.', '-' only and is not '.' or '..'."""
+    return bool(_SAFE.match(text)) and text not in (".", "..")

@@ -1,0 +1,165 @@
+"""Reading spec YAML safely while remembering where each node sits (file, YAML path, line).
+
+``yaml.SafeLoader`` only; a subclass composes the node tree so every mapping key and sequence item
+gets its 1-based line number, and duplicate keys (which plain YAML loaders silently merge) become
+issues. Validation errors from pydantic are turned into :class:`flows.errors.SpecIssue` lines that
+name the file, the YAML path and the line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from flows.errors import SpecIssue
+
+Path_ = tuple[str | int, ...]
+
+
+class LineLoader(yaml.SafeLoader):
+    """A ``SafeLoader`` whose nodes keep their start marks (used to build a :class:`SourceMap`)."""
+
+
+@dataclass
+class SourceMap:
+    """Where each YAML path of a spec was read from."""
+
+    source: str = "<dict>"
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+    def line_of(self, path: Iterable[str | int]) -> int | None:
+        """Return the line of ``path`` or of its closest known parent."""
+        p = tuple(path)
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.lines.get((), None)
+
+    def issue(self, path: Iterable[str | int], message: str) -> SpecIssue:
+        """Return an issue located at ``path``."""
+        p = tuple(path)
+        return SpecIssue(path=format_path(p), message=message, source=self.source, line=self.line_of(p))
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """Return ``cohorts[1].pathology`` for ``("cohorts", 1, "pathology")``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _walk(node: yaml.Node, path: Path_, smap: SourceMap, issues: list[SpecIssue]) -> None:
+    smap.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                issues.append(SpecIssue(
+                    path=format_path((*path, key)), source=smap.source, line=line,
+                    message=(f"DatasetSpec expects each key once per mapping, but got key={key!r} again "
+                             f"(first on line {seen[key]}). Remove one of them."),
+                ))
+                continue
+            seen[key] = line
+            smap.lines[(*path, key)] = line
+            _walk(value_node, (*path, key), smap, issues)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            smap.lines[(*path, i)] = item.start_mark.line + 1
+            _walk(item, (*path, i), smap, issues)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, SourceMap, list[SpecIssue]]:
+    """Parse YAML text safely; return (data, source map, issues such as duplicate keys or syntax errors)."""
+    smap = SourceMap(source=source)
+    loader = LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, smap, [SpecIssue("", "DatasetSpec expects a YAML mapping, but got an empty "
+                                              "document.", source, 1)]
+        issues: list[SpecIssue] = []
+        _walk(node, (), smap, issues)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        return None, smap, [SpecIssue("", f"DatasetSpec expects valid YAML, but got a syntax error: "
+                                          f"{exc.problem or exc}.", source, line)]
+    finally:
+        loader.dispose()
+    return data, smap, issues
+
+
+# -- pydantic errors -> issues --------------------------------------------------------------------
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hint(value: Any, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def issue_from_pydantic(err: Mapping[str, Any], smap: SourceMap, field_names: Mapping[Path_, Iterable[str]]
+                        ) -> SpecIssue:
+    """Turn one entry of ``ValidationError.errors()`` into a located issue in the house message style.
+
+    Args:
+        err: the pydantic error dict (``type``, ``loc``, ``msg``, ``input``, ``ctx``).
+        smap: where the spec was read from.
+        field_names: allowed field names by the (index-free) path of their parent, for "did you mean".
+    """
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    name = str(loc[-1]) if loc else "spec"
+    where = format_path(loc) or "spec"
+    if kind == "missing" and loc and isinstance(loc[-1], int):
+        parent = format_path(loc[:-1])
+        return smap.issue(loc[:-1], f"DatasetSpec expects more items in {parent}, but got no item [{loc[-1]}]. "
+                                    "Give all of them.")
+    elif kind == "missing":
+        text = f"DatasetSpec expects the field {name!r} here, but got {where} missing. Add it."
+    elif kind == "extra_forbidden":
+        parent = tuple(p for p in loc[:-1] if not isinstance(p, int))
+        allowed = sorted(field_names.get(parent, ()))
+        text = (f"DatasetSpec expects only the fields {allowed}, but got {name}={_shown(value)}."
+                f"{_hint(name, allowed)}")
+    elif kind in ("value_error", "assertion_error"):
+        text = str(err.get("ctx", {}).get("error", msg))
+    elif kind == "literal_error":
+        expected = str(err.get("ctx", {}).get("expected", ""))
+        choices = [c.strip().strip("'\"") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+        text = f"DatasetSpec expects {name} in {choices}, but got {name}={_shown(value)}.{_hint(value, choices)}"
+    elif kind == "union_tag_invalid":
+        expected = str(err.get("ctx", {}).get("expected_tags", ""))
+        choices = [c.strip().strip("'\"") for c in expected.split(",") if c.strip()]
+        tag = err.get("ctx", {}).get("tag")
+        text = f"DatasetSpec expects type in {choices}, but got type={tag!r}.{_hint(tag, choices)}"
+    else:
+        rule = msg or kind
+        for prefix, repl in (("Input should be greater", "a value greater"), ("Input should be less", "a value less"),
+                             ("Input should be ", ""), ("String should match", "a string matching"),
+                             ("String should have", "a string with"), ("List should have", "a list with"),
+                             ("Tuple should have", "a list with")):
+            if rule.startswith(prefix):
+                rule = repl + rule[len(prefix):]
+                break
+        text = f"DatasetSpec expects {rule}, but got {name}={_shown(value)}."
+    return smap.issue(loc, text)
+
+
+_TAGS = {"phantom", "folder", "user", "maisi_mask_generator"}  # discriminated-union tags pydantic puts in loc

@@ -1,0 +1,73 @@
+"""Storage options and file publishing for case outputs (local paths or fsspec URIs such as ``s3://``).
+
+Storage options follow the catalog's convention (deltalake ``AWS_*`` keys, e.g. ``AWS_ENDPOINT_URL``);
+:func:`fsspec_options` translates them for ``maisi_core.io`` (s3fs keyword arguments), reusing the
+catalog's translation so both sides agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from catalog._fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
+
+logger = logging.getLogger(__name__)
+
+SaveFn = Callable[..., Any]
+
+
+def fsspec_options(uri: str, storage_options: Mapping[str, str] | None) -> dict[str, Any]:
+    """Return fsspec keyword arguments for ``uri`` (empty for local paths)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return {}
+    return _catalog_fsspec_options(storage_options)
+
+
+def sha256_of(uri: str, options: Mapping[str, Any]) -> str:
+    """Return the sha256 of an existing file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb", **dict(options)) as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_volume(save: SaveFn, uri: str, array: np.ndarray, affine: np.ndarray, *,
+                   storage_options: Mapping[str, str] | None) -> tuple[Any, str]:
+    """Write a volume with ``maisi_core.io.save_image``/``save_label``, handling a file already there.
+
+    File names are deterministic, so a file can only exist already when an earlier run wrote it and
+    crashed before committing its row (an orphan). Its bytes are compared with the new ones: the same
+    sha256 keeps it, a different one replaces it atomically.
+
+    Returns:
+        ``(FileInfo, action)`` with action ``"written"``, ``"kept"`` or ``"replaced"``.
+    """
+    from maisi_core.errors import OutputExistsError
+
+    opts = fsspec_options(uri, storage_options)
+    try:
+        return save(uri, array, affine, storage_options=opts), "written"
+    except OutputExistsError:
+        pass
+    existing = sha256_of(uri, opts)
+    staging = f"memory://ctfactory-staging/{uuid.uuid4().hex}/{uri.rsplit('/', 1)[-1]}"
+    try:
+        staged = save(staging, array, affine)
+    finally:
+        mem = fsspec.filesystem("memory")
+        if mem.exists(staging.rsplit("/", 1)[0]):
+            mem.rm(staging.rsplit("/", 1)[0], recursive=True)
+    if staged.sha256 == existing:
+        logger.info("kept existing identical file %s", uri)
+        return type(staged)(uri=uri, sha256=staged.sha256, n_bytes=staged.n_bytes), "kept"
+    logger.warning("replaced orphan file %s (sha256 differed)", uri)
+    return save(uri, array, affine, storage_options=opts, overwrite=True), "replaced"
