@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -35,7 +34,8 @@ import torch
 from scipy import ndimage
 
 from maisi_core import labels
-from maisi_core.errors import ConfigError, MaskSourceError, UnsafeCheckpointError, WeightsError, WeightsNotFoundError
+from maisi_core.weights import load_torch_checkpoint
+from maisi_core.errors import ConfigError, MaskSourceError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +129,7 @@ def load_weights(path: str | os.PathLike, *, who: str) -> dict[str, Any]:
         UnsafeCheckpointError: the file needs arbitrary pickled objects.
         WeightsError: the file holds no dict.
     """
-    if not os.path.isfile(path):
-        raise WeightsNotFoundError(f"{who} expects an existing checkpoint file, but got path={str(path)!r}.")
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UnsafeCheckpointError(
-            f"{who} expects a checkpoint of tensors and plain containers (torch.load with weights_only=True), "
-            f"but got path={str(path)!r}, which needs arbitrary pickled objects ({first_line[:160]}). It is refused; "
-            "re-save its state dict on a trusted machine."
-        ) from None
+    obj = load_torch_checkpoint(path, who=who, what=f"path={str(path)!r}")
     if not isinstance(obj, dict):
         raise WeightsError(f"{who} expects a dict checkpoint, but got {type(obj).__name__} in path={str(path)!r}.")
     return obj

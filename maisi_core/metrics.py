@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import pickle
 import warnings
 from abc import ABC
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from scipy import linalg
 from scipy.spatial.distance import cdist, pdist, squareform
 
-from maisi_core.errors import FeatureError, UnsafeCheckpointError, WeightsError, WeightsNotFoundError
+from maisi_core.errors import FeatureError, WeightsError, WeightsNotFoundError
 
 if TYPE_CHECKING:  # torch is imported lazily: the radiomics path does not need it
     import torch
@@ -456,18 +455,6 @@ def memorization(
 # ---------------------------------------------------------------------------------------- torch extractor
 
 
-def _torch_load_tensors(source, *, who: str, what: str):
-    import torch
-
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{who} expects a checkpoint of tensors (torch.load weights_only=True), but got {what}, which needs "
-            f"arbitrary pickled objects. Save model.state_dict() or use safetensors. ({str(exc).splitlines()[0]})"
-        ) from None
-
-
 def _clean_state_dict(state, *, key_prefix: str, who: str, what: str) -> dict:
     import torch
 
@@ -503,7 +490,9 @@ def load_state_dict_file(path: str | Path, *, key_prefix: str = "") -> dict:
 
         state = load_file(str(path))
     else:
-        state = _torch_load_tensors(path, who=who, what=f"path={str(path)!r}")
+        from maisi_core.weights import load_torch_checkpoint
+
+        state = load_torch_checkpoint(path, who=who, what=f"path={str(path)!r}")
     return _clean_state_dict(state, key_prefix=key_prefix, who=who, what=f"path={str(path)!r}")
 
 
@@ -564,7 +553,9 @@ def load_astra_state_dict(
         )
     buffer.seek(0)
     what = f"the {len(paths)} Astra shards"
-    state = _torch_load_tensors(buffer, who="load_astra_state_dict", what=what)
+    from maisi_core.weights import load_torch_checkpoint
+
+    state = load_torch_checkpoint(buffer, who="load_astra_state_dict", what=what)
     return _clean_state_dict(state, key_prefix=ASTRA_KEY_PREFIX, who="load_astra_state_dict", what=what)
 
 

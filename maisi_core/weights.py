@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -245,23 +245,33 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *
 # Official MAISI checkpoints (.pt) → model directory.
 
 
-def load_torch_checkpoint(path: str | Path) -> Any:
-    """Load a ``.pt`` checkpoint with ``weights_only=True``; refuse anything that needs full unpickling."""
-    file = Path(path)
-    if not file.is_file():
-        raise WeightsNotFoundError(f"load_torch_checkpoint expects an existing file, but got path={str(path)!r}.")
+def load_torch_checkpoint(source: str | Path | BinaryIO, *, who: str = "load_torch_checkpoint",
+                          what: str | None = None) -> Any:
+    """Load a ``.pt`` checkpoint (a path or a binary buffer) with ``weights_only=True``, the only way
+    ctfactory reads torch pickles; refuse anything that needs full unpickling.
+
+    Raises:
+        WeightsNotFoundError: the path does not exist.
+        UnsafeCheckpointError: the pickle needs arbitrary objects (it is never unpickled).
+        WeightsError: the file is not a readable torch checkpoint.
+    """
+    if isinstance(source, (str, Path)):
+        file = Path(source)
+        if not file.is_file():
+            raise WeightsNotFoundError(f"{who} expects an existing checkpoint file, but got path={str(source)!r}.")
+        what = what or f"path={file.name!r}"
+    what = what or "a checkpoint buffer"
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:160]
         raise UnsafeCheckpointError(
-            f"load_torch_checkpoint expects a weights-only checkpoint (tensors, dicts, numbers), but got "
-            f"path={file.name!r} that needs arbitrary pickled objects; it was not loaded. "
-            "Re-save it as a plain state dict (torch.save(model.state_dict(), ...))."
-        ) from exc
+            f"{who} expects a weights-only checkpoint (tensors, dicts, numbers; torch.load weights_only=True), "
+            f"but got {what} that needs arbitrary pickled objects ({reason}); it was not loaded. "
+            "Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as safetensors."
+        ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(
-            f"load_torch_checkpoint expects a readable torch checkpoint, but got path={file.name!r}: {exc}"
-        ) from exc
+        raise WeightsError(f"{who} expects a readable torch checkpoint, but got {what}: {exc}") from exc
 
 
 def _state_dict_from(ckpt: Any, keys: tuple[str, ...], *, who: str) -> dict[str, torch.Tensor]:
