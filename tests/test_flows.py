@@ -1,0 +1,216 @@
+"""The generate-dataset flow under one session-wide Prefect test harness; task logic through plain calls."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from catalog.store import open_catalog
+from catalog.verify import verify_catalog
+from flows.case import SleepGenerator, get_generator, run_case
+from flows.generate import commit_records, find_committed, generate_case, run_generate
+from flows.plan import plan_dataset
+from flows.spec import parse_spec
+
+torch.set_num_threads(1)
+
+SPEC = """\
+name: tinyset
+version: "1"
+model: preset:tiny
+output_root: {root}
+seed: 11
+cohorts:
+  - name: chest
+    count: 2
+    body_region: chest
+    output_size: [32, 32, 32]
+    spacing_mm: [8, 8, 8]
+    num_inference_steps: 2
+    qc: {{organ_hu_check: false}}
+runtime: {{batch_size: 1}}
+"""
+
+_SERVICE_SWITCHES = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_backend():
+    """One Prefect test server for the session; heartbeat, task-run recorder and event persister off."""
+    old = {k: os.environ.get(k) for k in _SERVICE_SWITCHES}
+    os.environ.update(_SERVICE_SWITCHES)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _spec(root, **replace):
+    text = SPEC.format(root=root)
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return parse_spec(text)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.nii.gz"))}
+
+
+# -- plain functions and task.fn() ---------------------------------------------------------------------
+
+def test_run_case_passes_and_writes_files(tmp_path):
+    plan = plan_dataset(_spec(tmp_path))
+    request = plan.cases[0]
+    record = run_case(request, get_generator("maisi", "preset:tiny", "cpu"), output_root=str(tmp_path),
+                      code_version="test")
+    assert (record.status, record.qc_pass, record.attempt, record.seed) == ("passed", True, 0, request.seed)
+    assert record.image_uri == f"images/{request.sample_id}.nii.gz"
+    assert (tmp_path / record.image_uri).is_file() and (tmp_path / record.label_uri).is_file()
+    assert record.mask_source == "phantom" and record.model_name == "tiny"
+    assert {"mask", "generate", "qc", "write", "case_total"} <= set(record.timings_s)
+
+
+def test_run_case_orphan_files_kept_or_replaced(tmp_path):
+    request = plan_dataset(_spec(tmp_path)).cases[0]
+    gen = get_generator("maisi", "preset:tiny", "cpu")
+    first = run_case(request, gen, output_root=str(tmp_path))
+    image = tmp_path / first.image_uri
+    mtime = image.stat().st_mtime_ns
+    again = run_case(request, gen, output_root=str(tmp_path))  # identical bytes: kept
+    assert again.image_sha256 == first.image_sha256 and image.stat().st_mtime_ns == mtime
+    image.write_bytes(b"partial garbage")
+    third = run_case(request, gen, output_root=str(tmp_path))  # different bytes: replaced
+    assert third.image_sha256 == first.image_sha256
+    import hashlib
+
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == first.image_sha256
+
+
+def test_run_case_qc_failure_records_reason_and_writes_nothing(tmp_path):
+    spec = _spec(tmp_path, **{"qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
+    request = plan_dataset(spec).cases[0]
+    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path))
+    assert (record.status, record.qc_pass, record.attempt) == ("failed", False, 1)
+    assert record.image_uri is None and record.image_sha256 is None
+    assert record.failure_reason.startswith("attempt 0: qc: lung: median ")
+    assert " | attempt 1: qc: lung: median " in record.failure_reason
+    assert record.qc_failures and record.qc_failures[0].startswith("lung: median")
+    assert not list(tmp_path.rglob("*.nii.gz"))
+
+
+def test_run_case_mask_failure_retries_then_fails(tmp_path):
+    from maisi_core.errors import TumorPlacementError
+
+    spec = _spec(tmp_path, **{"body_region: chest": "body_region: chest\n    pathology: {type: lung_tumor, size_mm: [5, 9]}"})
+    request = plan_dataset(spec).cases[0]
+
+    def no_mask(req, seed):
+        raise TumorPlacementError(f"place_tumor expects its host in view, but got seed={seed}.")
+
+    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), make_mask_fn=no_mask)
+    assert record.status == "failed" and record.failure_reason.count("mask: place_tumor expects") == 3
+
+
+def test_get_generator_rejects_unknown():
+    from flows.errors import ModelRefError
+
+    with pytest.raises(ModelRefError, match=r"get_generator expects 'maisi', 'sleep:SECONDS' or 'module:factory', "
+                                            r"but got generator='sleep:x'\."):
+        get_generator("sleep:x", "preset:tiny")
+
+
+def test_tasks_fn_generate_and_commit(tmp_path):
+    plan = plan_dataset(_spec(tmp_path))
+    record = generate_case.fn(plan.cases[1], output_root=str(tmp_path), storage_options=None, generator="sleep:0",
+                              device="cpu", decode_preset=None, code_version="t")
+    assert record.status == "passed" and record.model_name == "sleep:0"
+    assert commit_records.fn([record], output_root=str(tmp_path), storage_options=None, metadata={"x": 1}) == 0
+    assert find_committed.fn(str(tmp_path), None) == {record.sample_id}
+
+
+# -- the flow ------------------------------------------------------------------------------------------
+
+def test_flow_generates_commits_and_reruns_without_duplicates(prefect_backend, tmp_path):
+    spec = _spec(tmp_path / "ds")
+    summary = run_generate(spec)
+    assert (summary["generated"], summary["skipped"], summary["n_passed"], summary["n_failed"]) == (2, 0, 2, 0)
+    cat = open_catalog(tmp_path / "ds")
+    rows = cat.read_table().to_pylist()
+    plan = plan_dataset(spec)
+    assert sorted(r["sample_id"] for r in rows) == sorted(c.sample_id for c in plan.cases)
+    assert {r["seed"] for r in rows} == {c.seed for c in plan.cases}
+    assert all(r["spec_id"] == plan.spec_id and r["code_version"] for r in rows)
+    assert cat.version == 1  # batch_size 1: two commits
+    report = verify_catalog(cat)
+    assert report.ok and report.orphans == () and report.files_checked == 4
+    datasets = cat.read_table("datasets").to_pylist()
+    assert len(datasets) == 1 and datasets[0]["n_passed"] == 2 and datasets[0]["model_digest"]
+    assert summary["card_uri"] and Path(summary["card_uri"]).is_file()
+    files = _files(tmp_path / "ds")
+
+    again = run_generate(spec)
+    assert (again["generated"], again["skipped"]) == (0, 2)
+    assert cat.read_table().num_rows == 2 and cat.version == 1
+    assert cat.read_table("datasets").num_rows == 1
+    assert _files(tmp_path / "ds") == files
+
+
+def test_flow_qc_failure_recorded_not_published(prefect_backend, tmp_path):
+    spec = _spec(tmp_path / "ds", **{"count: 2": "count: 1",
+                                     "qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
+    summary = run_generate(spec)
+    assert (summary["n_passed"], summary["n_failed"]) == (0, 1)
+    row = open_catalog(tmp_path / "ds").read_table().to_pylist()[0]
+    assert (row["status"], row["qc_pass"], row["image_uri"], row["attempt"]) == ("failed", False, None, 1)
+    assert "lung: median" in row["failure_reason"]
+    assert not list((tmp_path / "ds").rglob("*.nii.gz"))
+    assert run_generate(spec)["skipped"] == 1  # failed rows count as done
+
+
+def test_flow_on_s3(prefect_backend, tmp_path):
+    import fsspec
+    from s3_server import local_s3_server
+
+    with local_s3_server(bucket="ctf") as s3:
+        spec = _spec("s3://ctf/tinyset")
+        summary = run_generate(spec, storage_options=s3.delta_options)
+        assert (summary["n_passed"], summary["n_failed"]) == (2, 0)
+        cat = open_catalog("s3://ctf/tinyset", storage_options=s3.delta_options)
+        report = verify_catalog(cat)
+        assert report.ok and report.files_checked == 4 and report.orphans == ()
+        fs = fsspec.filesystem("s3", **s3.fsspec_options)
+        assert len(fs.ls("ctf/tinyset/images")) == 2 and fs.exists("ctf/tinyset/dataset_card.html")
+        local = tmp_path / "local"
+        run_generate(spec, output_root=str(local))
+        for row in cat.read_table().to_pylist():  # same voxels and bytes on S3 as on local disk
+            assert fs.cat_file(f"ctf/tinyset/{row['image_uri']}") == (local / row["image_uri"]).read_bytes()
+
+
+def test_flow_dask_local_cluster_matches_sequential(prefect_backend, tmp_path):
+    """About 15 s on 2 cores (two worker processes import torch and MONAI)."""
+    spec = _spec(tmp_path / "seq")
+    run_generate(spec)
+    dask_spec = spec.with_runtime(dask_local_workers=2)
+    summary = run_generate(dask_spec, output_root=str(tmp_path / "dask"))
+    assert summary["n_passed"] == 2
+    seq, par = open_catalog(tmp_path / "seq").read_table(), open_catalog(tmp_path / "dask").read_table()
+    key = lambda t: sorted((r["sample_id"], r["image_sha256"], r["label_sha256"]) for r in t.to_pylist())  # noqa: E731
+    assert key(seq) == key(par)
+    assert _files(tmp_path / "seq") == _files(tmp_path / "dask")
