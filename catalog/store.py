@@ -100,9 +100,8 @@ class Catalog:
     @property
     def version(self) -> int | None:
         """The latest version of the ``samples`` table, or None when it does not exist yet."""
-        if not self.exists("samples"):
-            return None
-        return self.delta_table("samples").version()
+        table = self._open_or_none("samples")
+        return None if table is None else table.version()
 
     def read_table(self, name: str = "samples", *, as_of: int | None = None,
                    columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
@@ -156,12 +155,13 @@ class Catalog:
             check_sample_row(row)
         _check_unique([r["sample_id"] for r in rows])
         new = rows_to_table(rows, SAMPLES_SCHEMA)
-        if self.exists("samples"):
-            new = self._drop_committed(new)
-        if new.num_rows == 0:
-            logger.info("append_samples: every row is committed already; no new version")
-            return self.version if self.version is not None else -1
-        return self._commit("samples", new, "append_samples", commit_metadata)
+        table = self._open_or_none("samples")
+        if table is not None:
+            new = _drop_committed(table, new)
+            if new.num_rows == 0:
+                logger.info("append_samples: every row is committed already; no new version")
+                return table.version()
+        return self._commit("samples", new, "append_samples", commit_metadata, table=table)
 
     def append_dataset(self, row: Mapping[str, Any], *, commit_metadata: Mapping[str, Any] | None = None) -> int:
         """Append one dataset-version row (spec, counts, metrics, model, licence) to ``datasets``.
@@ -183,60 +183,43 @@ class Catalog:
         table = rows_to_table([values], DATASETS_SCHEMA)
         return self._commit("datasets", table, "append_dataset", commit_metadata)
 
-    def _commit(self, name: str, table: pa.Table, operation: str, metadata: Mapping[str, Any] | None) -> int:
+    def _open_or_none(self, name: str) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.table_uri(name), storage_options=self.storage_options or None)
+        except TableNotFoundError:
+            return None
+
+    def _commit(self, name: str, data: pa.Table, operation: str, metadata: Mapping[str, Any] | None, *,
+                table: DeltaTable | None = None) -> int:
         custom = {str(k): str(v) for k, v in (metadata or {}).items()}
         token = uuid.uuid4().hex
-        custom.update({"ctfactory.operation": operation, "ctfactory.rows": str(table.num_rows),
-                       "ctfactory.schema_version": str(SCHEMA_VERSION),
-                       "ctfactory.commit_id": token})
+        custom.update({"ctfactory.operation": operation, "ctfactory.rows": str(data.num_rows),
+                       "ctfactory.schema_version": str(SCHEMA_VERSION), "ctfactory.commit_id": token})
         write_deltalake(
-            self.table_uri(name), table, mode="append", schema_mode="merge",
+            table if table is not None else self.table_uri(name), data, mode="append", schema_mode="merge",
             storage_options=self.storage_options or None,
             commit_properties=CommitProperties(custom_metadata=custom),
         )
-        version = self._version_of_commit(name, token)
-        logger.info("%s: committed %d rows to %s as version %d", operation, table.num_rows, name, version)
-        return version
-
-    def _version_of_commit(self, name: str, token: str) -> int:
         # Another writer may have committed right after us, so find our commit by its token.
-        table = self.delta_table(name)
+        table = table if table is not None else self.delta_table(name)
+        table.update_incremental()
+        version = table.version()
         for entry in table.history(limit=_HISTORY_SEARCH):
             if entry.get("ctfactory.commit_id") == token:
-                return int(entry["version"])
-        return table.version()
-
-    def _drop_committed(self, new: pa.Table) -> pa.Table:
-        ids = new["sample_id"]
-        existing = self.read_table("samples", filter=pc.field("sample_id").isin(ids))
-        if existing.num_rows == 0:
-            return new
-        compare = [c for c in new.column_names if c not in VOLATILE_COLUMNS]
-        stored = {r["sample_id"]: r for r in _comparable(existing.select(compare))}
-        keep = []
-        for row in _comparable(new.select(compare)):
-            old = stored.get(row["sample_id"])
-            if old is None:
-                keep.append(True)
-                continue
-            if old != row:
-                diff = sorted(k for k in row if old.get(k) != row[k])
-                raise RecordExistsError(
-                    f"append_samples expects committed sample_ids to keep their content, but got "
-                    f"sample_id={row['sample_id']!r} with different {', '.join(diff)}. "
-                    f"Rows are append-only; use a new sample_id (e.g. a new attempt)."
-                )
-            keep.append(False)
-        return new.filter(pa.array(keep, type=pa.bool_()))
+                version = int(entry["version"])
+                break
+        logger.info("%s: committed %d rows to %s as version %d", operation, data.num_rows, name, version)
+        return version
 
     # -- reading helpers ----------------------------------------------------------------------
     def committed_sample_ids(self, *, status: str | None = None) -> set[str]:
         """Return the committed sample_ids (all, or only those with ``status``), for resuming runs."""
-        if not self.exists("samples"):
+        table = self._open_or_none("samples")
+        if table is None:
             return set()
         flt = None if status is None else pc.field("status") == status
-        table = self.delta_table("samples").to_pyarrow_dataset().to_table(columns=["sample_id"], filter=flt)
-        return set(table["sample_id"].to_pylist())
+        ids = table.to_pyarrow_dataset().to_table(columns=["sample_id"], filter=flt)["sample_id"]
+        return set(ids.to_pylist())
 
     def history(self, name: str = "samples") -> list[dict[str, Any]]:
         """Return the commits of table ``name``, newest first (version, timestamp, operation, metadata)."""
@@ -255,6 +238,29 @@ class Catalog:
         from catalog.query import query_sql
 
         return query_sql(self, statement, as_of=as_of)
+
+
+def _drop_committed(table: DeltaTable, new: pa.Table) -> pa.Table:
+    """Return ``new`` without rows already committed with the same content; raise on changed content."""
+    ids = new["sample_id"].to_pylist()
+    dataset = table.to_pyarrow_dataset(file_pruning_predicate=[("sample_id", "in", ids)])
+    existing = conform_table(dataset.to_table(filter=pc.field("sample_id").isin(ids)), SAMPLES_SCHEMA)
+    if existing.num_rows == 0:
+        return new
+    compare = [c for c in new.column_names if c not in VOLATILE_COLUMNS]
+    stored = {r["sample_id"]: r for r in _comparable(existing.select(compare))}
+    keep = []
+    for row in _comparable(new.select(compare)):
+        old = stored.get(row["sample_id"])
+        if old is not None and old != row:
+            diff = sorted(k for k in row if old.get(k) != row[k])
+            raise RecordExistsError(
+                f"append_samples expects committed sample_ids to keep their content, but got "
+                f"sample_id={row['sample_id']!r} with different {', '.join(diff)}. "
+                f"Rows are append-only; use a new sample_id (e.g. a new attempt)."
+            )
+        keep.append(old is None)
+    return new.filter(pa.array(keep, type=pa.bool_()))
 
 
 def _check_unique(ids: Sequence[str]) -> None:
