@@ -91,7 +91,7 @@ def bench_query(workdir: Path, rows: int, repeat: int) -> None:
         write_deltalake(cat.table_uri("samples"), table, mode="append")
     print(f"setup: wrote {rows:,} rows in {time.perf_counter() - t0:.1f} s "
           f"({len(cat.delta_table().file_uris())} files)")
-    files = cat.delta_table().file_uris()
+    files = list(cat.delta_table().file_uris())
     flt = sample_filter(region="chest", pathology="none", qc="pass")
     pq_filters = [("body_region", "=", "chest"), ("pathology", "=", "none"), ("qc_pass", "=", True)]
     cases = {
@@ -103,9 +103,19 @@ def bench_query(workdir: Path, rows: int, repeat: int) -> None:
         "baseline pq.read_table+filters": lambda: pq.read_table(files, filters=pq_filters),
         "baseline pd.read_parquet+filters": lambda: pd.read_parquet(files, filters=pq_filters),
     }
+    _report_query(cases, rows, repeat, "as written")
+    t0 = time.perf_counter()
+    cat.optimize()
+    files[:] = cat.delta_table().file_uris()
+    print(f"\noptimize (z-order on body_region, pathology, qc_pass): {time.perf_counter() - t0:.1f} s "
+          f"({len(files)} files)")
+    _report_query(cases, rows, repeat, "after Catalog.optimize()")
+
+
+def _report_query(cases: dict, rows: int, repeat: int, label: str) -> None:
     results = {name: _median_time(fn, repeat) for name, fn in cases.items()}
     base = results["baseline pq.read_table+filters"][0]
-    print(f"\nfiltered query over {rows:,} rows (median of {repeat}; region=chest, pathology=none, qc pass)")
+    print(f"\nfiltered query over {rows:,} rows, {label} (median of {repeat}; region=chest, pathology=none, qc pass)")
     for name, (seconds, out) in results.items():
         n = out.num_rows if hasattr(out, "num_rows") else len(out)
         print(f"  {name:34s} {seconds * 1000:8.1f} ms  rows={n:<8d} ratio vs pq baseline {seconds / base:5.2f}x")

@@ -183,3 +183,16 @@ def test_sample_record_to_row_matches_schema_order():
     row = make_record(2).to_row()
     assert list(row) == SAMPLES_SCHEMA.names
     assert isinstance(make_record(2), SampleRecord)
+
+
+def test_optimize_keeps_rows_and_adds_a_version(tmp_path):
+    cat = open_catalog(tmp_path)
+    for i in range(3):
+        cat.append_samples([make_record(i)])
+    before = sorted(cat.read_table()["sample_id"].to_pylist())
+    metrics = cat.optimize()
+    assert metrics["numFilesRemoved"] == 3 and metrics["numFilesAdded"] == 1
+    assert cat.version == 3
+    assert sorted(cat.read_table()["sample_id"].to_pylist()) == before
+    assert cat.history()[0]["ctfactory.operation"] == "optimize"
+    assert cat.append_samples([make_record(1)]) == 3  # still idempotent after the rewrite
