@@ -181,6 +181,10 @@ def check_sample_row(row: Mapping[str, Any]) -> None:
             raise RecordError(f"SampleRecord expects no files on a failed row, but got {present[0]}="
                               f"{row[present[0]]!r} for sample_id={sid!r}. Failed cases are never published.")
     else:
+        for key in ("image_uri", "label_uri"):
+            if ".." in str(row.get(key) or "").replace("\\", "/").split("/"):
+                raise RecordError(f"SampleRecord expects {key} inside the output root, but got {key}="
+                                  f"{row[key]!r} for sample_id={sid!r}. Paths may not contain '..'.")
         missing = [u for u in uris if not row.get(u)]
         if missing:
             raise RecordError(f"SampleRecord expects {missing[0]} on a passed row, but got {missing[0]}="

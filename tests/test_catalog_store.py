@@ -77,6 +77,8 @@ def test_sample_record_rules():
         make_record(1, output_size=(32, 32))
     with pytest.raises(RecordError, match=r"expects label_sha256 on a passed row, but got label_sha256=None"):
         make_record(1, label_sha256=None)
+    with pytest.raises(RecordError, match=r"expects image_uri inside the output root, but got image_uri='\.\./x.nii.gz'"):
+        make_record(1, image_uri="../x.nii.gz")
 
 
 def test_append_dict_rows_with_unknown_column_raises(tmp_path):
