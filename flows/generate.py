@@ -30,7 +30,7 @@ from catalog.store import open_catalog
 from flows.case import get_generator, run_case
 from flows.errors import FlowsError
 from flows.plan import CaseRequest, DatasetPlan, plan_dataset
-from flows.runtime import build_task_runner, code_version, notify
+from flows.runtime import build_task_runner, current_code_version, notify
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
 REPORT_NAME = "dataset_card.html"
@@ -170,21 +170,21 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
 def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_options: dict[str, str] | None = None,
-                     code_version_: str | None = None, gpu_resources: bool = False) -> dict[str, Any]:
+                     code_version: str | None = None, gpu_resources: bool = False) -> dict[str, Any]:
     """Generate (or complete) the dataset a spec describes and return its dataset summary.
 
     Args:
         spec: the validated spec (a mapping is validated).
         output_root: overrides ``spec.output_root`` (local path or fsspec URI).
         storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`flows.storage`).
-        code_version_: code version recorded on every row (computed here when None).
+        code_version: code version recorded on every row (computed here when None).
         gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
     """
     t0 = time.perf_counter()
     logger = get_run_logger()
     spec = validate_spec(spec)
     root = output_root or spec.output_root
-    version = code_version_ or code_version()
+    version = code_version or current_code_version()
     plan = plan_dataset(spec)
     done = find_committed(root, storage_options)
     todo = [c for c in plan.cases if c.sample_id not in done]
@@ -212,4 +212,4 @@ def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
     choice = build_task_runner(spec.runtime)
     configured = generate_dataset.with_options(task_runner=choice.runner)
     return configured(spec, output_root=output_root, storage_options=dict(storage_options or {}) or None,
-                      code_version_=code_version(), gpu_resources=choice.gpu_resources)
+                      code_version=current_code_version(), gpu_resources=choice.gpu_resources)

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
-def code_version() -> str:
+def current_code_version() -> str:
     """Return ``<ctfactory version>`` plus ``+git.<describe>`` when the source is a git checkout."""
     from importlib.metadata import PackageNotFoundError, version
 
