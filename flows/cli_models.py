@@ -1,4 +1,4 @@
-"""``ctfactory models ...``: list, inspect, verify and convert model directories."""
+"""``ctfactory models ...``: list, inspect, verify, convert and train model directories."""
 
 from __future__ import annotations
 
@@ -29,6 +29,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model name recorded in the index")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("train", help="train (or fine-tune) the VAE, UNet and ControlNet into a model directory")
+    p.add_argument("--preset", default="default", help="architecture for a fresh model (default: default)")
+    p.add_argument("--out", required=True, type=Path, help="new model directory")
+    p.add_argument("--from", dest="from_model", default=None,
+                   help="model directory (or 'default') to fine-tune; overrides --preset")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder of NIfTI pairs (imagesTr/+labelsTr/ or *_image/*_label); default: phantom corpus")
+    p.add_argument("--stages", default="vae,unet,controlnet", help="comma-separated stages to train")
+    p.add_argument("--steps-vae", type=int, default=500)
+    p.add_argument("--steps-unet", type=int, default=500)
+    p.add_argument("--steps-controlnet", type=int, default=500)
+    p.add_argument("--size-vox", type=int, default=None, help="cubic case size (default: 64 for 'default', else 32)")
+    p.add_argument("--spacing-mm", type=float, default=None, help="case spacing (default: 384 mm / size)")
+    p.add_argument("--phantom-cases", type=int, default=200, help="phantom corpus size (without --data)")
+    p.add_argument("--roi-loss-weight", type=float, default=1.0, help="loss weight of organ/tumour latent voxels")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for all stages")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (1 is fastest on a busy shared CPU: OpenMP spin-waits)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT.checkpoints next to --out")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint folder")
+    p.set_defaults(func=_train)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -70,3 +94,64 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.dest} (digest {digest})")
     return 0
+
+
+def _train_corpus(args: argparse.Namespace, config):
+    from maisi_core.training_data import PhantomCorpusConfig, generate_phantom_corpus, load_nifti_corpus
+
+    size = (args.size_vox or (64 if config.name == "default" else 32),) * 3
+    spacing = args.spacing_mm or 384.0 / size[0]
+    if args.data is not None:
+        cases = load_nifti_corpus(args.data, output_size_vox=size, spacing_mm=(spacing,) * 3,
+                                  intensity_range_hu=config.intensity_range_hu)
+        return cases, f"NIfTI pairs from {args.data} ({len(cases)} cases, {size} at {spacing:g} mm)"
+    corpus = PhantomCorpusConfig(num_cases=args.phantom_cases, output_size_vox=size,
+                                 spacing_xy_mm=(0.83 * spacing, 1.17 * spacing),
+                                 spacing_z_mm=(0.83 * spacing, 1.17 * spacing))
+    cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range_hu)
+    return cases, f"procedural phantom + intensity model ({len(cases)} cases, {size}, seed {args.seed})"
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from maisi_core.presets import get_preset
+    from maisi_core.training import TrainingConfig, train_pipeline
+    from maisi_core.weights import load_model_dir, resolve_model_path
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    training = TrainingConfig(
+        stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
+        steps_vae=args.steps_vae, steps_unet=args.steps_unet, steps_controlnet=args.steps_controlnet,
+        roi_loss_weight=args.roi_loss_weight, max_minutes=args.max_minutes, seed=args.seed,
+    )
+    if args.from_model is not None:
+        start = resolve_model_path(args.from_model)
+        config = load_model_dir(start, device="cpu").config
+    else:
+        start = config = get_preset(args.preset)
+    cases, description = _train_corpus(args, config)
+    bars: dict[str, tqdm] = {}
+
+    def show(progress) -> None:
+        bar = bars.get(progress.stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[progress.stage] = tqdm(total=progress.total_steps, desc=progress.stage, unit="step",
+                                              initial=progress.step - 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{progress.loss:.4f}")
+
+    checkpoint_dir = args.checkpoint_dir or args.out.with_name(args.out.name + ".checkpoints")
+    try:
+        result = train_pipeline(start, cases, out_dir=args.out, checkpoint_dir=checkpoint_dir, training=training,
+                                device=args.device, callback=show, resume=args.resume, data_description=description)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(f"wrote {result.model_dir} (digest {result.digest}); checkpoints and loss log in {checkpoint_dir}")
+    return 0
+

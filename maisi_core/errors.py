@@ -101,3 +101,15 @@ class UnmappedLabelError(MaskSourceError):
 
 class NoCandidateMaskError(MaskSourceError):
     """Raised when no mask in a candidate folder satisfies the request."""
+
+
+class TrainingDataError(MaisiError, ValueError):
+    """Raised when a training data folder holds no usable or unmatched image/label pairs."""
+
+
+class TrainingDataNotFoundError(TrainingDataError, FileNotFoundError):
+    """Raised when a training data folder does not exist."""
+
+
+class CheckpointError(MaisiError, ValueError):
+    """Raised when a training checkpoint folder is malformed or belongs to a different run."""

@@ -1,6 +1,8 @@
 """Named pipeline presets.
 
 * ``tiny()``: test-sized networks (32³ image → 8³ latent) that run on a CPU in milliseconds per step.
+* ``default()``: the embedded CPU model's architecture (64³ image at ~6 mm → 16³ latent); its
+  trained weights ship in ``maisi_core/models/default`` (``MaisiPipeline.from_pretrained("default")``).
 * ``maisi_ct_rflow()``: the released MAISI-v2 CT architecture (rectified flow, 30 steps, modality
   conditioning), read from the shipped upstream network config.
 * ``maisi_ct_ddpm()``: the released MAISI-v1 CT architecture (DDPM, 1000 steps, body-region
@@ -54,6 +56,55 @@ def tiny() -> PipelineConfig:
     )
 
 
+DEFAULT_GEOMETRY = GeometryRules(
+    size_multiple_vox=16,
+    spacing_xy_range_mm=(2.0, 10.0),
+    spacing_z_range_mm=(2.0, 10.0),
+    min_fov_xy_mm=256.0,
+)
+
+
+def default() -> PipelineConfig:
+    """Return the embedded default model's architecture: 64³ at ~6 mm (a 384 mm torso) in seconds on a CPU.
+
+    VAE channels (8, 16, 32), one res block per level, 8 groups → a (4, 16, 16, 16) latent for a 64³
+    image (×4 per axis). UNet and ControlNet channels (16, 32, 64), one res block per level,
+    attention only at the deepest level (4³ latent), rflow style (spacing input, 128 class embeds,
+    resblock up/down, fc attention projections). The ControlNet's conditioning embedding is
+    (8, 16, 32), two stride-2 convs (×4). Rectified flow with MAISI-v2's timestep shift, 25 steps.
+    Geometry: sizes divisible by 16, spacing 2-10 mm, field of view >= 256 mm. The networks are
+    smaller than the suggested (16, 32, 64) VAE / (32, 64, 64) UNet: on a shared 2-core CPU one
+    training step of those took 4-12 s, which leaves too few steps in a 45-minute budget.
+    """
+    return PipelineConfig(
+        name="default",
+        vae=AutoencoderConfig(
+            spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+            num_channels=(8, 16, 32), num_res_blocks=(1, 1, 1), attention_levels=(False, False, False),
+            norm_num_groups=8, num_splits=1, dim_split=1,
+        ),
+        unet=DiffusionUNetConfig(
+            spatial_dims=3, in_channels=4, out_channels=4, num_channels=(16, 32, 64),
+            attention_levels=(False, False, True), num_head_channels=(0, 0, 32), num_res_blocks=1,
+            norm_num_groups=8, include_spacing_input=True, num_class_embeds=128, resblock_updown=True,
+            include_fc=True,
+        ),
+        controlnet=ControlNetConfig(
+            spatial_dims=3, in_channels=4, num_channels=(16, 32, 64), attention_levels=(False, False, True),
+            num_head_channels=(0, 0, 32), num_res_blocks=1, norm_num_groups=8, num_class_embeds=128,
+            resblock_updown=True, include_fc=True, conditioning_embedding_in_channels=8,
+            conditioning_embedding_num_channels=(8, 16, 32), use_checkpointing=False,
+        ),
+        scheduler=RFlowSchedulerConfig(
+            use_discrete_timesteps=False, use_timestep_transform=True, scale=1.4, default_num_inference_steps=25,
+        ),
+        geometry=DEFAULT_GEOMETRY,
+        conditioning="modality",
+        decode_roi_latent=None,
+        licence="Apache-2.0 (code and weights; trained on procedural phantoms only)",
+    )
+
+
 def maisi_ct_rflow() -> PipelineConfig:
     """Return the released MAISI-v2 CT architecture (rectified flow, the default)."""
     return _maisi_ct("rflow")
@@ -66,6 +117,7 @@ def maisi_ct_ddpm() -> PipelineConfig:
 
 PRESETS = {
     "tiny": tiny,
+    "default": default,
     "maisi_ct_rflow": maisi_ct_rflow,
     "maisi_ct_ddpm": maisi_ct_ddpm,
 }

@@ -1,0 +1,575 @@
+"""Training loops for the three MAISI networks (the embedded default model is trained with them).
+
+:func:`train_pipeline` runs up to three stages on a corpus of :class:`~maisi_core.training_data.TrainingCase`
+and writes a model directory (:meth:`MaisiPipeline.save_pretrained`) whose index holds a training summary:
+
+1. ``vae``: random patches, L1 reconstruction + ``kl_weight`` · KL (upstream 1e-7) + optional least-squares
+   patch adversarial loss (off by default; no perceptual loss, it needs downloaded weights). Then
+   ``scale_factor = 1 / std(z_mu)`` over the first ``scale_factor_cases`` training images.
+2. ``unet``: latents ``z_mu · scale_factor`` (deterministic, encoded once), rectified flow with MONAI's
+   ``RFlowScheduler.sample_timesteps`` / ``add_noise``, target ``x0 − noise``, conditioned on spacing (mm × 100)
+   and modality class (CT = 1). L1 loss by default, as MAISI's DM and ControlNet training; ``"mse"`` is offered.
+3. ``controlnet``: the UNet frozen; a fresh ControlNet is initialised from the UNet's weights
+   (``copy_model_state``; its conditioning embedding and zero convs keep their zero init) and learns label →
+   latent through the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``, with the
+   label map as the 8-bit encoding of :func:`maisi_core.pipeline.encode_labels_8bit`.
+
+Optionally latent voxels covering organ or tumour labels (anything but 0 and body 200) get ``roi_loss_weight``.
+
+Starting from a model directory instead of a preset fine-tunes it (selected stages continue from its weights).
+
+Checkpoints (``checkpoint_dir/<stage>/state.pt`` + ``progress.json``, ``loss_log.jsonl``) hold model, optimizer,
+step and torch RNG state as tensors only (loaded with ``weights_only=True``). Every step draws its randomness
+from ``(seed, stage, step)``, so a resumed run gives the same weights as an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.utils import copy_model_state
+
+from maisi_core.config import PipelineConfig, RFlowSchedulerConfig
+from maisi_core.errors import CheckpointError, ConfigError, TrainingDataError, did_you_mean
+from maisi_core.labels import BACKGROUND_ID, BODY_ID
+from maisi_core.pipeline import MaisiPipeline, encode_labels_8bit, resolve_device
+from maisi_core.training_data import TrainingCase
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("vae", "unet", "controlnet")
+LOSSES = ("l1", "mse")
+CT_MODALITY = 1
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters of a training run (all stages).
+
+    Attributes:
+        stages: stages to run, in the order of ``STAGES``.
+        steps_vae, steps_unet, steps_controlnet: optimiser steps per stage.
+        batch_vae, batch_unet, batch_controlnet: cases per step.
+        vae_patch_vox: cubic patch edge for the VAE (the whole volume when larger).
+        lr_vae, lr_unet, lr_controlnet: peak learning rates (Adam / AdamW), linear warm-up over
+            ``warmup_steps`` then cosine decay to 10 %.
+        kl_weight: KL weight (upstream MAISI: 1e-7).
+        adv_weight: patch adversarial weight (0 switches the discriminator off).
+        diffusion_loss: ``"l1"`` (MAISI) or ``"mse"``.
+        roi_loss_weight: weight of latent voxels covering organ/tumour labels (1: plain mean).
+        scale_factor_cases: images encoded to estimate the latent scale factor.
+        max_minutes: wall-time budget for all stages (None: no limit); a stage gets the remaining budget
+            times its share of the remaining steps and stops early when it runs out.
+        checkpoint_every: steps between checkpoints (and always at the end of a stage).
+        seed: seed of initialisation and of every step's draws.
+    """
+
+    stages: tuple[str, ...] = STAGES
+    steps_vae: int = 500
+    steps_unet: int = 500
+    steps_controlnet: int = 500
+    batch_vae: int = 4
+    batch_unet: int = 4
+    batch_controlnet: int = 2
+    vae_patch_vox: int = 32
+    lr_vae: float = 1e-3
+    lr_unet: float = 5e-4
+    lr_controlnet: float = 3e-4
+    warmup_steps: int = 20
+    kl_weight: float = 1e-7
+    adv_weight: float = 0.0
+    diffusion_loss: str = "l1"
+    roi_loss_weight: float = 1.0
+    scale_factor_cases: int = 16
+    max_minutes: float | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        stages = (self.stages,) if isinstance(self.stages, str) else tuple(self.stages)
+        for s in stages:
+            if s not in STAGES:
+                raise ConfigError(
+                    f"TrainingConfig expects stages from {list(STAGES)}, but got stage={s!r}.{did_you_mean(s, STAGES)}"
+                )
+        object.__setattr__(self, "stages", tuple(s for s in STAGES if s in stages))
+        if self.diffusion_loss not in LOSSES:
+            raise ConfigError(
+                f"TrainingConfig expects diffusion_loss in {list(LOSSES)}, but got "
+                f"diffusion_loss={self.diffusion_loss!r}.{did_you_mean(self.diffusion_loss, LOSSES)}"
+            )
+        for name in ("steps_vae", "steps_unet", "steps_controlnet"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"TrainingConfig expects {name} >= 0, but got {name}={getattr(self, name)}.")
+        for name in ("batch_vae", "batch_unet", "batch_controlnet", "checkpoint_every", "scale_factor_cases"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"TrainingConfig expects max_minutes > 0 or None, but got max_minutes={self.max_minutes}.")
+
+    def steps(self, stage: str) -> int:
+        """Steps of one stage (0 when the stage is not selected)."""
+        return int(getattr(self, f"steps_{stage}")) if stage in self.stages else 0
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """What the progress callback receives after every step."""
+
+    stage: str
+    step: int
+    total_steps: int
+    loss: float
+    elapsed_s: float
+
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """The outcome of :func:`train_pipeline`.
+
+    Attributes:
+        model_dir: the written model directory.
+        digest: its model digest.
+        scale_factor: the latent scale factor saved with it.
+        summary: the training summary stored in ``model_index.json`` under ``"training"``.
+    """
+
+    model_dir: Path
+    digest: str
+    scale_factor: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _step_seed(seed: int, stage: str, step: int) -> int:
+    return int(np.random.SeedSequence([int(seed), STAGES.index(stage), int(step)]).generate_state(1)[0])
+
+
+@contextmanager
+def _seeded(seed: int, stage: str, step: int, device: torch.device):
+    """Run a step with torch's RNG (CPU, and CUDA on a CUDA device) seeded from (seed, stage, step)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(_step_seed(seed, stage, step))
+        yield np.random.default_rng(_step_seed(seed, stage, step))
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    warmup = max(1, min(warmup, total // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+    err = (pred.float() - target.float()).abs() if kind == "l1" else (pred.float() - target.float()) ** 2
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / (weight.sum() * err.shape[1])
+
+
+def _roi_weights(label_maps: np.ndarray, factor: int, weight: float) -> torch.Tensor | None:
+    """(B, 1, x, y, z) weights: ``weight`` on latent voxels covering organ/tumour labels, 1 elsewhere."""
+    if weight == 1.0:
+        return None
+    lab = torch.from_numpy(label_maps)[:, None]
+    roi = ((lab != BACKGROUND_ID) & (lab != BODY_ID)).float()
+    roi = F.max_pool3d(roi, kernel_size=factor, stride=factor)
+    return 1.0 + (weight - 1.0) * roi
+
+
+class _Run:
+    """The mutable state of one training run: checkpoint folder, loss log, budget, callback."""
+
+    def __init__(self, checkpoint_dir: Path, cfg: TrainingConfig, device: torch.device,
+                 callback: ProgressCallback | None, resume: bool, fingerprint: dict[str, Any]) -> None:
+        self.dir, self.cfg, self.device, self.callback = checkpoint_dir, cfg, device, callback
+        self.fingerprint = fingerprint
+        self.start = time.monotonic()
+        self.log_path = checkpoint_dir / "loss_log.jsonl"
+        existing = [p for p in STAGES if (checkpoint_dir / p / "progress.json").is_file()]
+        if existing and not resume:
+            raise CheckpointError(
+                f"train_pipeline expects an empty checkpoint folder unless resume=True, but got "
+                f"checkpoint_dir={str(checkpoint_dir)!r} holding stages {existing}. Pass resume=True (CLI: --resume) "
+                "or choose another folder."
+            )
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def progress(self, stage: str) -> dict[str, Any] | None:
+        path = self.dir / stage / "progress.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(
+                f"train_pipeline expects a checkpoint of the same run to resume, but got "
+                f"fingerprint={data.get('fingerprint')} in {str(path)!r} (this run: {self.fingerprint}). "
+                "Use the same seed, batch sizes, learning rates and corpus, or a new checkpoint folder."
+            )
+        return data
+
+    def save(self, stage: str, step: int, *, done: bool, modules: dict[str, torch.nn.Module],
+             optimizers: dict[str, torch.optim.Optimizer], extra: dict[str, Any] | None = None) -> None:
+        stage_dir = self.dir / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "modules": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, stage_dir / "state.pt.tmp")
+        os.replace(stage_dir / "state.pt.tmp", stage_dir / "state.pt")
+        info = {"stage": stage, "step": int(step), "done": bool(done), "fingerprint": self.fingerprint, **(extra or {})}
+        (stage_dir / "progress.json.tmp").write_text(json.dumps(info, indent=2, sort_keys=True))
+        os.replace(stage_dir / "progress.json.tmp", stage_dir / "progress.json")
+
+    def load(self, stage: str, modules: dict[str, torch.nn.Module],
+             optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
+        state = torch.load(self.dir / stage / "state.pt", map_location=self.device, weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in (optimizers or {}).items():
+            o.load_state_dict(state["optimizers"][k])
+
+    def trim_log(self, stage: str, step: int) -> None:
+        """Drop log lines of ``stage`` after ``step`` (they belong to an interrupted attempt)."""
+        if not self.log_path.is_file():
+            return
+        keep = [ln for ln in self.log_path.read_text().splitlines()
+                if ln and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+        self.log_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, stage: str, step: int, total: int, losses: dict[str, float], lr: float) -> None:
+        elapsed = time.monotonic() - self.start
+        record = {"stage": stage, "step": step, **{k: round(v, 7) for k, v in losses.items()}, "lr": lr,
+                  "elapsed_s": round(elapsed, 2)}
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.callback is not None:
+            self.callback(TrainingProgress(stage, step, total, losses["loss"], elapsed))
+
+    def stage_deadline(self, stage: str) -> float | None:
+        if self.cfg.max_minutes is None:
+            return None
+        left_s = self.cfg.max_minutes * 60.0 - (time.monotonic() - self.start)
+        remaining = [s for s in STAGES[STAGES.index(stage):] if s in self.cfg.stages]
+        total = sum(self.cfg.steps(s) for s in remaining) or 1
+        return time.monotonic() + max(0.0, left_s) * self.cfg.steps(stage) / total
+
+
+def _loop(run: _Run, stage: str, step_fn: Callable[[np.random.Generator], dict[str, float]],
+          modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+          lr: float) -> dict[str, Any]:
+    """Run (or resume) one stage's optimiser steps with checkpoints, budget and logging."""
+    total = run.cfg.steps(stage)
+    start_step, t0 = 0, time.monotonic()
+    prog = run.progress(stage)
+    if prog is not None:
+        run.load(stage, modules, optimizers)
+        start_step = int(prog["step"])
+        if prog["done"]:
+            logger.info("%s: already done at step %d", stage, start_step)
+            return prog["summary"]
+        logger.info("%s: resuming at step %d of %d", stage, start_step, total)
+    run.trim_log(stage, start_step)
+    deadline = run.stage_deadline(stage)
+    recent: list[float] = []
+    step, stopped_early = start_step, False
+    for step in range(start_step, total):
+        if deadline is not None and time.monotonic() > deadline:
+            stopped_early = True
+            break
+        factor = _lr_factor(step, total, run.cfg.warmup_steps)
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+        with _seeded(run.cfg.seed, stage, step, run.device) as rng:
+            losses = step_fn(rng)
+        recent = (recent + [losses["loss"]])[-20:]
+        if not math.isfinite(losses["loss"]):
+            raise ConfigError(
+                f"train_pipeline expects finite losses, but got loss={losses['loss']} at {stage} step {step + 1}. "
+                "Lower the learning rate."
+            )
+        if (step + 1) % run.cfg.checkpoint_every == 0 and step + 1 < total:
+            run.save(stage, step + 1, done=False, modules=modules, optimizers=optimizers)
+        run.log(stage, step + 1, total, losses, lr * factor)
+    else:
+        step = total
+    summary = {"steps": step, "steps_planned": total, "stopped_early": stopped_early,
+               "final_loss_mean20": float(np.mean(recent)) if recent else None,
+               "wall_s": round(time.monotonic() - t0, 1)}
+    run.save(stage, step, done=True, modules=modules, optimizers=optimizers, extra={"summary": summary})
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def _stack(cases: Sequence[TrainingCase], idx: Sequence[int], attr: str) -> np.ndarray:
+    return np.stack([getattr(cases[int(i)], attr) for i in idx])
+
+
+def train_vae_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase]) -> dict[str, Any]:
+    """Stage 1: train the VAE on random patches (B, 1, P, P, P) with L1 + KL (+ adversarial)."""
+    cfg, dev, vae = run.cfg, run.device, pipe.vae
+    vae.train()
+    modules: dict[str, torch.nn.Module] = {"vae": vae}
+    optimizers: dict[str, torch.optim.Optimizer] = {"vae": torch.optim.Adam(vae.parameters(), lr=cfg.lr_vae)}
+    disc = adv = None
+    if cfg.adv_weight > 0:
+        from monai.losses.adversarial_loss import PatchAdversarialLoss
+        from monai.networks.nets import PatchDiscriminator
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            disc = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1,
+                                      norm="INSTANCE").to(dev)
+        adv = PatchAdversarialLoss(criterion="least_squares")
+        modules["discriminator"] = disc
+        optimizers["discriminator"] = torch.optim.Adam(disc.parameters(), lr=cfg.lr_vae)
+    shape = np.array(cases[0].image.shape)
+    patch = np.minimum(shape, cfg.vae_patch_vox)
+
+    def step(rng: np.random.Generator) -> dict[str, float]:
+        idx = rng.integers(len(cases), size=cfg.batch_vae)
+        crops = []
+        for i in idx:
+            lo = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch, strict=True)]
+            crop = cases[int(i)].image[lo[0]:lo[0] + patch[0], lo[1]:lo[1] + patch[1], lo[2]:lo[2] + patch[2]]
+            flips = tuple(a for a in range(3) if rng.random() < 0.5)
+            crops.append(np.flip(crop, flips) if flips else crop)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
+        recon, mu, sigma = vae(x)
+        l1 = (recon - x).abs().mean()
+        kl = 0.5 * torch.sum(mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-10) - 1, dim=[1, 2, 3, 4]).mean()
+        loss = l1 + cfg.kl_weight * kl
+        out = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        if disc is not None:
+            g_adv = adv(disc(recon.contiguous())[-1], target_is_real=True, for_discriminator=False)
+            loss = loss + cfg.adv_weight * g_adv
+            out["adv_g"] = float(g_adv.detach())
+        optimizers["vae"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["vae"].step()
+        if disc is not None:
+            d_loss = 0.5 * (adv(disc(recon.detach().contiguous())[-1], target_is_real=False, for_discriminator=True)
+                            + adv(disc(x)[-1], target_is_real=True, for_discriminator=True))
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["discriminator"].step()
+            out["adv_d"] = float(d_loss.detach())
+        return {"loss": float(loss.detach()), **out}
+
+    summary = _loop(run, "vae", step, modules, optimizers, cfg.lr_vae)
+    vae.eval()
+    return summary
+
+
+@torch.no_grad()
+def encode_cases(vae: torch.nn.Module, cases: Sequence[TrainingCase], device: torch.device) -> torch.Tensor:
+    """Return the VAE means ``z_mu`` (N, C, x, y, z) of the cases' images (on the CPU, unscaled)."""
+    vae.eval()
+    out = []
+    for case in cases:
+        x = torch.from_numpy(case.image)[None, None].to(device)
+        z_mu, _ = vae.encode(x)
+        out.append(z_mu.float().cpu())
+    return torch.cat(out)
+
+
+def compute_scale_factor(latents: torch.Tensor) -> float:
+    """Return ``1 / std(latents)`` (MAISI's latent scale factor)."""
+    return float(1.0 / latents.float().std())
+
+
+def _diffusion_batch(rng, latents, cases, batch, device):
+    idx = rng.integers(len(cases), size=batch)
+    x0 = latents[torch.as_tensor(idx)].to(device)
+    spacing = torch.tensor(_stack(cases, idx, "spacing_mm"), dtype=torch.float32, device=device) * 100.0
+    labels_ = _stack(cases, idx, "label_map")
+    return idx, x0, spacing, labels_
+
+
+def _noisy(pipe: MaisiPipeline, x0: torch.Tensor, device: torch.device):
+    noise = torch.randn(x0.shape, dtype=torch.float32).to(device)
+    t = pipe.scheduler.sample_timesteps(torch.empty(x0.shape)).to(device)  # drawn on the CPU: same on every device
+    return pipe.scheduler.add_noise(x0, noise, t), t, x0 - noise
+
+
+def train_unet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
+                     latents: torch.Tensor) -> dict[str, Any]:
+    """Stage 2: rectified flow on latents (N, C, x, y, z) (already × scale_factor), spacing + modality conditioned."""
+    cfg, dev, unet = run.cfg, run.device, pipe.unet
+    unet.train()
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr_unet)
+    factor = pipe.config.vae.downsample_factor
+
+    def step(rng: np.random.Generator) -> dict[str, float]:
+        _, x0, spacing, labels_ = _diffusion_batch(rng, latents, cases, cfg.batch_unet, dev)
+        xt, t, target = _noisy(pipe, x0, dev)
+        classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
+        pred = unet(xt, t, class_labels=classes, spacing_tensor=spacing)
+        weight = _roi_weights(labels_, factor, cfg.roi_loss_weight)
+        loss = _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    summary = _loop(run, "unet", step, {"unet": unet}, {"unet": opt}, cfg.lr_unet)
+    unet.eval()
+    return summary
+
+
+def train_controlnet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
+                           latents: torch.Tensor) -> dict[str, Any]:
+    """Stage 3: ControlNet on (label map (B, 8, X, Y, Z) 8-bit, latent) pairs through the frozen UNet."""
+    cfg, dev, unet, cnet = run.cfg, run.device, pipe.unet, pipe.controlnet
+    unet.eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    cnet.train()
+    opt = torch.optim.AdamW(cnet.parameters(), lr=cfg.lr_controlnet)
+    factor = pipe.config.vae.downsample_factor
+
+    def step(rng: np.random.Generator) -> dict[str, float]:
+        _, x0, spacing, labels_ = _diffusion_batch(rng, latents, cases, cfg.batch_controlnet, dev)
+        xt, t, target = _noisy(pipe, x0, dev)
+        classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
+        cond = encode_labels_8bit(torch.from_numpy(labels_.astype(np.int64))[:, None]).to(dev)
+        down, mid = cnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
+        pred = unet(xt, t, class_labels=classes, spacing_tensor=spacing,
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        weight = _roi_weights(labels_, factor, cfg.roi_loss_weight)
+        loss = _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    try:
+        summary = _loop(run, "controlnet", step, {"controlnet": cnet}, {"controlnet": opt}, cfg.lr_controlnet)
+    finally:
+        for p in unet.parameters():
+            p.requires_grad_(True)
+    cnet.eval()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _check_corpus(config: PipelineConfig, cases: Sequence[TrainingCase]) -> None:
+    who = "train_pipeline"
+    if not cases:
+        raise TrainingDataError(f"{who} expects at least one training case, but got num_cases=0.")
+    shape = cases[0].image.shape
+    m = config.size_multiple_vox
+    if any(s % m for s in shape):
+        raise TrainingDataError(
+            f"{who} expects case sizes divisible by {m} for preset {config.name!r}, but got shape={shape}."
+        )
+    bad = [c.name for c in cases if c.image.shape != shape or c.label_map.shape != shape]
+    if bad:
+        raise TrainingDataError(
+            f"{who} expects every image and label map of one shape {shape}, but got other shapes in cases={bad[:5]}."
+        )
+
+
+def train_pipeline(
+    start: PipelineConfig | str | Path,
+    cases: Sequence[TrainingCase],
+    *,
+    out_dir: str | Path,
+    checkpoint_dir: str | Path,
+    training: TrainingConfig | None = None,
+    device: str | torch.device | None = "cpu",
+    callback: ProgressCallback | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    data_description: str = "",
+) -> TrainingResult:
+    """Train (or fine-tune) the VAE, UNet and ControlNet and write a model directory.
+
+    Args:
+        start: a preset config (fresh networks, seeded with ``training.seed``) or a model directory / packaged
+            model name to fine-tune (its weights and scale factor are the starting point).
+        cases: the corpus, all of one shape divisible by the preset's size multiple.
+        out_dir: the model directory to write (must be new or empty).
+        checkpoint_dir: folder for per-stage checkpoints and ``loss_log.jsonl``.
+        training: hyper-parameters; defaults to :class:`TrainingConfig`.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        callback: called with a :class:`TrainingProgress` after every step.
+        resume: continue from ``checkpoint_dir`` (otherwise it must hold no checkpoint).
+        name: model name for the index (default: the preset's).
+        data_description: recorded in the summary (e.g. ``"phantom corpus, 300 cases"``).
+
+    Raises:
+        TrainingDataError: empty corpus or inconsistent shapes.
+        CheckpointError: a checkpoint exists and ``resume`` is False, or it belongs to another run.
+    """
+    cfg = training or TrainingConfig()
+    dev = resolve_device(device)
+    if isinstance(start, PipelineConfig):
+        pipe = MaisiPipeline.from_config(start, device=dev, init_seed=cfg.seed)
+        init_from, fresh = f"preset:{start.name}", True
+    else:
+        pipe = MaisiPipeline.from_pretrained(start, device=dev)
+        init_from, fresh = f"model:{pipe.config.name}@{pipe.model_digest}", False
+    _check_corpus(pipe.config, cases)
+    if not isinstance(pipe.config.scheduler, RFlowSchedulerConfig) and {"unet", "controlnet"} & set(cfg.stages):
+        raise ConfigError(
+            f"train_pipeline expects a rectified-flow preset to train the UNet or ControlNet, but got "
+            f"scheduler={pipe.config.scheduler.name!r}. Train only the VAE, or use an rflow preset."
+        )
+    fingerprint = {"seed": cfg.seed, "init_from": init_from, "num_cases": len(cases),
+                   "batches": [cfg.batch_vae, cfg.batch_unet, cfg.batch_controlnet],
+                   "lrs": [cfg.lr_vae, cfg.lr_unet, cfg.lr_controlnet]}
+    run = _Run(Path(checkpoint_dir), cfg, dev, callback, resume, fingerprint)
+    summaries: dict[str, Any] = {}
+    scale_factor = pipe.scale_factor
+    if "vae" in cfg.stages:
+        summaries["vae"] = train_vae_stage(run, pipe, cases)
+        scale_factor = compute_scale_factor(encode_cases(pipe.vae, cases[: cfg.scale_factor_cases], dev))
+        logger.info("scale_factor = %.5f", scale_factor)
+    pipe.scale_factor = scale_factor
+    latents = None
+    if "unet" in cfg.stages or "controlnet" in cfg.stages:
+        latents = encode_cases(pipe.vae, cases, dev) * scale_factor
+    if "unet" in cfg.stages:
+        summaries["unet"] = train_unet_stage(run, pipe, cases, latents)
+    if "controlnet" in cfg.stages:
+        if fresh and run.progress("controlnet") is None:
+            copy_model_state(pipe.controlnet, pipe.unet.state_dict())
+        summaries["controlnet"] = train_controlnet_stage(run, pipe, cases, latents)
+    pipe.config = pipe.config.replace(scale_factor=scale_factor)
+    summary = {
+        "stages": summaries, "seed": cfg.seed, "init_from": init_from, "device": dev.type,
+        "num_cases": len(cases), "case_shape": list(cases[0].image.shape), "data": data_description,
+        "scale_factor": scale_factor, "wall_s": round(time.monotonic() - run.start, 1),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "torch_version": torch.__version__,
+    }
+    digest = pipe.save_pretrained(out_dir, name=name or pipe.config.name, extra_index={"training": summary})
+    logger.info("wrote %s (digest %s)", out_dir, digest)
+    return TrainingResult(Path(out_dir), digest, scale_factor, summary)
