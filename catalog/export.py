@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow.compute as pc
 
-from catalog import _fs
+from catalog import fs as _fs
 from catalog.croissant import build_croissant
 from catalog.errors import ExportError, ExportExistsError
 from catalog.store import Catalog

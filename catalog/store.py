@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from catalog import _fs
+from catalog import fs as _fs
 from catalog.errors import CatalogNotFoundError, RecordError, RecordExistsError
 from catalog.schema import (
     DATASETS_SCHEMA,

@@ -11,7 +11,7 @@ import logging
 
 import pyarrow.compute as pc
 
-from catalog import _fs
+from catalog import fs as _fs
 from catalog.errors import VerifyError
 from catalog.store import Catalog
 

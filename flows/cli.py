@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "flows.cli_run",
     "flows.cli_catalog",
     "flows.cli_models",
+    "flows.cli_validate",
 )
 
 EXIT_BAD_INPUT = 2
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    from flows.errors import FlowsError
     from maisi_core.errors import MaisiError
 
-    bad_input: tuple[type[BaseException], ...] = (MaisiError,)
+    bad_input: tuple[type[BaseException], ...] = (MaisiError, FlowsError)
     try:
         from catalog.errors import CatalogError
 

@@ -55,3 +55,7 @@ class OutputPathError(FlowsError, ValueError):
 
 class DeploymentError(FlowsError, RuntimeError):
     """Raised when serving or submitting a deployment fails (no server, unknown deployment)."""
+
+
+class ValidationInputError(FlowsError, ValueError):
+    """Raised when a dataset or reference set cannot be validated (too few cases, no reference, no dataset row)."""

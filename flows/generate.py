@@ -75,7 +75,7 @@ def record_dataset(spec: DatasetSpec, plan: DatasetPlan, *, output_root: str, st
         "samples_version": cat.version, "n_samples": len(rows),
         "n_passed": sum(r["status"] == "passed" for r in rows), "n_failed": sum(r["status"] == "failed" for r in rows),
         "cohort_counts": {c.name: sum(r["cohort"] == c.name for r in rows) for c in spec.cohorts},
-        "metrics": dict(metrics), "timings_s": dict(timings), "code_version": code_version,
+        "metrics": dict(metrics), **dict(metrics), "timings_s": dict(timings), "code_version": code_version,
         "model_name": model_name(spec.model.ref),
         "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
         "licence": pipeline_config(spec.model.ref, preset=spec.model.preset).licence,

@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from catalog._fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
+from catalog.fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
 
 logger = logging.getLogger(__name__)
 

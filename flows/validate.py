@@ -1,0 +1,157 @@
+"""Dataset-level validation: Fréchet distances, diversity and memorisation of a generated dataset.
+
+Plain functions (no Prefect) called by the ``generate-dataset`` flow at the end of a run and by
+``ctfactory validate ROOT``. The metrics come from :mod:`maisi_core.metrics` with its weights-free
+radiomics-style extractor, so every Fréchet distance here is an **FRD-style** distance, never FID.
+
+Reference sets:
+
+* ``phantom`` (default): the procedural intensity model (:func:`maisi_core.intensity.synthesize_ct`)
+  rendered on each generated case's own label map. It answers "how far are the generated images from
+  the phantom CT the embedded model learned?". ``fd_radiomics_ref`` is the same distance between two
+  independent phantom renders of those masks: the value a perfect generator would reach at this
+  sample size.
+* a folder with ``reference.json`` (e.g. the real chest CTs from ``scripts/fetch_real_ct.py``), or a
+  folder of ``*.nii.gz`` images: ``fd_radiomics_ref`` is then the distance between two halves of the
+  reference set.
+
+Metric names (columns of the ``datasets`` table): ``fd_radiomics`` (mean of the three planes) and
+``fd_radiomics_{axial,coronal,sagittal}``, ``fd_radiomics_ref``, ``diversity_mean_pairwise``,
+``diversity_near_duplicate_pairs``, ``memorisation_fraction`` and ``memorisation_closer_than_own_nn``,
+plus ``metric_n_generated`` / ``metric_n_reference``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from catalog.store import Catalog
+from flows.errors import ValidationInputError
+
+logger = logging.getLogger(__name__)
+
+PHANTOM_REFERENCE = "phantom"
+MIN_CASES = 2
+
+
+def _derived_seed(sample_id: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{sample_id}:{salt}".encode()).digest()[:4], "big") % 2**31
+
+
+def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | None = None,
+                   max_cases: int = 64) -> list[dict[str, Any]]:
+    """Return up to ``max_cases`` passing cases as dicts with ``image``, ``label``, ``spacing_mm``, ``sample_id``."""
+    from catalog.fs import resolve_uri
+    from flows.storage import fsspec_options
+    from maisi_core.io import load_image, load_label
+
+    where = pc.field("status") == "passed"
+    if spec_id is not None:
+        where = where & (pc.field("spec_id") == spec_id)
+    rows = cat.read_table("samples", as_of=as_of, filter=where,
+                          columns=["sample_id", "image_uri", "label_uri", "spacing_mm"]).to_pylist()
+    rows = sorted(rows, key=lambda r: r["sample_id"])[:max_cases]
+    out = []
+    for r in rows:
+        image_uri, label_uri = (resolve_uri(cat.root_uri, r[k]) for k in ("image_uri", "label_uri"))
+        opts = fsspec_options(image_uri, cat.storage_options) or None
+        out.append({"sample_id": r["sample_id"], "spacing_mm": tuple(r["spacing_mm"]),
+                    "image": load_image(image_uri, storage_options=opts).array,
+                    "label": load_label(label_uri, storage_options=opts).array})
+    return out
+
+
+def load_reference_volumes(reference: str | Path) -> list[np.ndarray]:
+    """Return the HU volumes of a reference folder (``reference.json`` manifest, or ``*.nii.gz`` files)."""
+    from maisi_core.io import load_image
+    from maisi_core.reference import MANIFEST_NAME, load_reference_set
+
+    folder = Path(reference)
+    if (folder / MANIFEST_NAME).is_file():
+        return [v.array for v in load_reference_set(folder).values()]
+    files = sorted(folder.glob("*.nii.gz")) + sorted(folder.glob("*.nii"))
+    if not files:
+        raise ValidationInputError(
+            f"validate_dataset expects a reference folder with {MANIFEST_NAME} or NIfTI images, but got "
+            f"reference={str(reference)!r} with neither. Use '{PHANTOM_REFERENCE}' or run scripts/fetch_real_ct.py."
+        )
+    return [load_image(f).array for f in files]
+
+
+def compute_dataset_metrics(
+    generated: list[dict[str, Any]],
+    reference: str | Path = PHANTOM_REFERENCE,
+) -> dict[str, float]:
+    """Compute the dataset metrics of generated cases against a reference set (see the module docstring)."""
+    from maisi_core.intensity import synthesize_ct
+    from maisi_core.metrics import RadiomicsFeatureExtractor, compute_frechet, diversity, memorization
+
+    if len(generated) < MIN_CASES:
+        raise ValidationInputError(
+            f"validate_dataset expects at least {MIN_CASES} passing cases, but got n_generated={len(generated)}. "
+            "Generate more cases before validating."
+        )
+    gen_vols = [g["image"] for g in generated]
+    if str(reference) == PHANTOM_REFERENCE:
+        ref_a = [synthesize_ct(g["label"], g["spacing_mm"], seed=_derived_seed(g["sample_id"], "ref-a"))
+                 for g in generated]
+        ref_b = [synthesize_ct(g["label"], g["spacing_mm"], seed=_derived_seed(g["sample_id"], "ref-b"))
+                 for g in generated]
+        ref_vols, baseline = ref_a, (ref_a, ref_b)
+    else:
+        ref_vols = load_reference_volumes(reference)
+        if len(ref_vols) < 2:
+            raise ValidationInputError(
+                f"validate_dataset expects a reference set of at least 2 volumes, but got n_reference={len(ref_vols)}."
+            )
+        half = len(ref_vols) // 2
+        baseline = (ref_vols[:half], ref_vols[half:])
+    extractor = RadiomicsFeatureExtractor()
+    fd = compute_frechet(ref_vols, gen_vols, extractor)
+    fd_ref = compute_frechet(baseline[0], baseline[1], extractor)
+    gen_feats = extractor.extract(gen_vols)
+    ref_feats = extractor.extract(ref_vols)
+    div = diversity(gen_feats)
+    mem = memorization(gen_feats, ref_feats)
+    metrics = {"fd_radiomics": fd.mean, "fd_radiomics_ref": fd_ref.mean,
+               **{f"fd_radiomics_{plane}": value for plane, value in fd.per_plane.items()},
+               "diversity_mean_pairwise": div.mean_pairwise_distance,
+               "diversity_near_duplicate_pairs": float(len(div.near_duplicates)),
+               "memorisation_fraction": mem.fraction_memorized,
+               "memorisation_closer_than_own_nn": mem.fraction_closer_than_own_nn,
+               "metric_n_generated": float(len(gen_vols)), "metric_n_reference": float(len(ref_vols))}
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def validate_dataset(cat: Catalog, *, spec: Any = None, spec_id: str | None = None,
+                     reference: str | Path = PHANTOM_REFERENCE, as_of: int | None = None,
+                     max_cases: int = 64) -> dict[str, float]:
+    """The flow's validation hook: metrics of a dataset's passing cases, or ``{}`` when too few passed."""
+    generated = load_generated(cat, spec_id=spec_id, as_of=as_of, max_cases=max_cases)
+    if len(generated) < MIN_CASES:
+        logger.warning("validate_dataset: %d passing case(s); dataset metrics need %d", len(generated), MIN_CASES)
+        return {}
+    return compute_dataset_metrics(generated, reference)
+
+
+def record_validation(cat: Catalog, metrics: Mapping[str, float], *, reference: str | Path) -> int:
+    """Append a copy of the latest dataset row carrying new metrics (map and ``fd_*`` columns); return the version."""
+    if not cat.exists("datasets"):
+        raise ValidationInputError(
+            f"ctfactory validate expects a catalog with a datasets table, but got root={cat.root_uri!r} without one. "
+            "Run `ctfactory run SPEC` first."
+        )
+    rows = cat.read_table("datasets").to_pylist()
+    latest = max(rows, key=lambda r: (r["created_at"], r["samples_version"] or -1))
+    keep = {k: v for k, v in latest.items() if k not in {"created_at", "metrics"} and not k.startswith(
+        ("fd_", "metric_", "diversity_", "memorisation_"))}
+    row = {**keep, "samples_version": cat.version, "metrics": dict(metrics), **dict(metrics)}
+    return cat.append_dataset(row, commit_metadata={"ctfactory.validate_reference": str(reference),
+                                                    "spec_id": latest.get("spec_id") or ""})
