@@ -9,8 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip>=24" >/dev/null
-# torch first, pinned, so the resolver never pulls a multi-GB CUDA build on a CPU machine.
-# On a GPU machine set CTFACTORY_TORCH to the build you want (e.g. "torch==2.13.0" from your index).
-python -m pip install -q "${CTFACTORY_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[test]"
+# torch pinned in the same resolve as the project, so pip never swaps in a multi-GB CUDA build on a
+# CPU machine (a lone "torch>=2.4" lets it pick the newest wheel it can find). On a GPU machine set
+# CTFACTORY_TORCH to the build you want, e.g. CTFACTORY_TORCH="torch==2.13.0" from your CUDA index.
+python -m pip install -q "${CTFACTORY_TORCH:-torch==2.13.0}" -e ".[test]"
 echo "ctfactory installed in .venv ($(python -c 'import torch, monai; print("torch", torch.__version__, "monai", monai.__version__)'))"
