@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing-mm", type=float, default=None, help="case spacing (default: 384 mm / size)")
     p.add_argument("--phantom-cases", type=int, default=200, help="phantom corpus size (without --data)")
     p.add_argument("--roi-loss-weight", type=float, default=1.0, help="loss weight of organ/tumour latent voxels")
+    p.add_argument("--vae-decoder-only", action="store_true",
+                   help="train only the VAE decoder (keeps the latent space of a trained model)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for all stages")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +127,8 @@ def _train(args: argparse.Namespace) -> int:
     training = TrainingConfig(
         stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         steps_vae=args.steps_vae, steps_unet=args.steps_unet, steps_controlnet=args.steps_controlnet,
-        roi_loss_weight=args.roi_loss_weight, max_minutes=args.max_minutes, seed=args.seed,
+        roi_loss_weight=args.roi_loss_weight, vae_decoder_only=args.vae_decoder_only,
+        max_minutes=args.max_minutes, seed=args.seed,
     )
     if args.from_model is not None:
         start = resolve_model_path(args.from_model)

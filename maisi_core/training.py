@@ -18,20 +18,16 @@ Optionally latent voxels covering organ or tumour labels (anything but 0 and bod
 
 Starting from a model directory instead of a preset fine-tunes it (selected stages continue from its weights).
 
-Checkpoints (``checkpoint_dir/<stage>/state.pt`` + ``progress.json``, ``loss_log.jsonl``) hold model, optimizer,
+Checkpoints (see :mod:`maisi_core.training_loop`: ``checkpoint_dir/<stage>/state.pt`` + ``progress.json``, ``loss_log.jsonl``) hold model, optimizer,
 step and torch RNG state as tensors only (loaded with ``weights_only=True``). Every step draws its randomness
 from ``(seed, stage, step)``, so a resumed run gives the same weights as an uninterrupted one on the CPU.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,14 +38,20 @@ import torch.nn.functional as F
 from monai.networks.utils import copy_model_state
 
 from maisi_core.config import PipelineConfig, RFlowSchedulerConfig
-from maisi_core.errors import CheckpointError, ConfigError, TrainingDataError, did_you_mean
+from maisi_core.errors import ConfigError, TrainingDataError, did_you_mean
 from maisi_core.labels import BACKGROUND_ID, BODY_ID
 from maisi_core.pipeline import MaisiPipeline, encode_labels_8bit, resolve_device
 from maisi_core.training_data import TrainingCase
+from maisi_core.training_loop import (  # noqa: F401  (TrainingProgress is part of this module's API)
+    STAGES,
+    ProgressCallback,
+    TrainingProgress,
+    TrainingRun,
+    run_stage_loop,
+)
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("vae", "unet", "controlnet")
 LOSSES = ("l1", "mse")
 CT_MODALITY = 1
 
@@ -66,6 +68,8 @@ class TrainingConfig:
         lr_vae, lr_unet, lr_controlnet: peak learning rates (Adam / AdamW), linear warm-up over
             ``warmup_steps`` then cosine decay to 10 %.
         kl_weight: KL weight (upstream MAISI: 1e-7).
+        vae_decoder_only: train only the VAE decoder (encoder frozen): the latent space, and so a trained
+            UNet/ControlNet, stays valid while the reconstruction improves (fine-tuning a finished model).
         adv_weight: patch adversarial weight (0 switches the discriminator off).
         diffusion_loss: ``"l1"`` (MAISI) or ``"mse"``.
         roi_loss_weight: weight of latent voxels covering organ/tumour labels (1: plain mean).
@@ -89,6 +93,7 @@ class TrainingConfig:
     lr_controlnet: float = 3e-4
     warmup_steps: int = 20
     kl_weight: float = 1e-7
+    vae_decoder_only: bool = False
     adv_weight: float = 0.0
     diffusion_loss: str = "l1"
     roi_loss_weight: float = 1.0
@@ -125,20 +130,6 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class TrainingProgress:
-    """What the progress callback receives after every step."""
-
-    stage: str
-    step: int
-    total_steps: int
-    loss: float
-    elapsed_s: float
-
-
-ProgressCallback = Callable[[TrainingProgress], None]
-
-
-@dataclass(frozen=True)
 class TrainingResult:
     """The outcome of :func:`train_pipeline`.
 
@@ -158,27 +149,6 @@ class TrainingResult:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _step_seed(seed: int, stage: str, step: int) -> int:
-    return int(np.random.SeedSequence([int(seed), STAGES.index(stage), int(step)]).generate_state(1)[0])
-
-
-@contextmanager
-def _seeded(seed: int, stage: str, step: int, device: torch.device):
-    """Run a step with torch's RNG (CPU, and CUDA on a CUDA device) seeded from (seed, stage, step)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(_step_seed(seed, stage, step))
-        yield np.random.default_rng(_step_seed(seed, stage, step))
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    warmup = max(1, min(warmup, total // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
     err = (pred.float() - target.float()).abs() if kind == "l1" else (pred.float() - target.float()) ** 2
     if weight is None:
@@ -196,132 +166,6 @@ def _roi_weights(label_maps: np.ndarray, factor: int, weight: float) -> torch.Te
     return 1.0 + (weight - 1.0) * roi
 
 
-class _Run:
-    """The mutable state of one training run: checkpoint folder, loss log, budget, callback."""
-
-    def __init__(self, checkpoint_dir: Path, cfg: TrainingConfig, device: torch.device,
-                 callback: ProgressCallback | None, resume: bool, fingerprint: dict[str, Any]) -> None:
-        self.dir, self.cfg, self.device, self.callback = checkpoint_dir, cfg, device, callback
-        self.fingerprint = fingerprint
-        self.start = time.monotonic()
-        self.log_path = checkpoint_dir / "loss_log.jsonl"
-        existing = [p for p in STAGES if (checkpoint_dir / p / "progress.json").is_file()]
-        if existing and not resume:
-            raise CheckpointError(
-                f"train_pipeline expects an empty checkpoint folder unless resume=True, but got "
-                f"checkpoint_dir={str(checkpoint_dir)!r} holding stages {existing}. Pass resume=True (CLI: --resume) "
-                "or choose another folder."
-            )
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-
-    def progress(self, stage: str) -> dict[str, Any] | None:
-        path = self.dir / stage / "progress.json"
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        if data.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(
-                f"train_pipeline expects a checkpoint of the same run to resume, but got "
-                f"fingerprint={data.get('fingerprint')} in {str(path)!r} (this run: {self.fingerprint}). "
-                "Use the same seed, batch sizes, learning rates and corpus, or a new checkpoint folder."
-            )
-        return data
-
-    def save(self, stage: str, step: int, *, done: bool, modules: dict[str, torch.nn.Module],
-             optimizers: dict[str, torch.optim.Optimizer], extra: dict[str, Any] | None = None) -> None:
-        stage_dir = self.dir / stage
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "modules": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in modules.items()},
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "torch_rng": torch.get_rng_state(),
-        }
-        torch.save(state, stage_dir / "state.pt.tmp")
-        os.replace(stage_dir / "state.pt.tmp", stage_dir / "state.pt")
-        info = {"stage": stage, "step": int(step), "done": bool(done), "fingerprint": self.fingerprint, **(extra or {})}
-        (stage_dir / "progress.json.tmp").write_text(json.dumps(info, indent=2, sort_keys=True))
-        os.replace(stage_dir / "progress.json.tmp", stage_dir / "progress.json")
-
-    def load(self, stage: str, modules: dict[str, torch.nn.Module],
-             optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
-        state = torch.load(self.dir / stage / "state.pt", map_location=self.device, weights_only=True)
-        for k, m in modules.items():
-            m.load_state_dict(state["modules"][k])
-        for k, o in (optimizers or {}).items():
-            o.load_state_dict(state["optimizers"][k])
-
-    def trim_log(self, stage: str, step: int) -> None:
-        """Drop log lines of ``stage`` after ``step`` (they belong to an interrupted attempt)."""
-        if not self.log_path.is_file():
-            return
-        keep = [ln for ln in self.log_path.read_text().splitlines()
-                if ln and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
-        self.log_path.write_text("".join(ln + "\n" for ln in keep))
-
-    def log(self, stage: str, step: int, total: int, losses: dict[str, float], lr: float) -> None:
-        elapsed = time.monotonic() - self.start
-        record = {"stage": stage, "step": step, **{k: round(v, 7) for k, v in losses.items()}, "lr": lr,
-                  "elapsed_s": round(elapsed, 2)}
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.callback is not None:
-            self.callback(TrainingProgress(stage, step, total, losses["loss"], elapsed))
-
-    def stage_deadline(self, stage: str) -> float | None:
-        if self.cfg.max_minutes is None:
-            return None
-        left_s = self.cfg.max_minutes * 60.0 - (time.monotonic() - self.start)
-        remaining = [s for s in STAGES[STAGES.index(stage):] if s in self.cfg.stages]
-        total = sum(self.cfg.steps(s) for s in remaining) or 1
-        return time.monotonic() + max(0.0, left_s) * self.cfg.steps(stage) / total
-
-
-def _loop(run: _Run, stage: str, step_fn: Callable[[np.random.Generator], dict[str, float]],
-          modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-          lr: float) -> dict[str, Any]:
-    """Run (or resume) one stage's optimiser steps with checkpoints, budget and logging."""
-    total = run.cfg.steps(stage)
-    start_step, t0 = 0, time.monotonic()
-    prog = run.progress(stage)
-    if prog is not None:
-        run.load(stage, modules, optimizers)
-        start_step = int(prog["step"])
-        if prog["done"]:
-            logger.info("%s: already done at step %d", stage, start_step)
-            return prog["summary"]
-        logger.info("%s: resuming at step %d of %d", stage, start_step, total)
-    run.trim_log(stage, start_step)
-    deadline = run.stage_deadline(stage)
-    recent: list[float] = []
-    step, stopped_early = start_step, False
-    for step in range(start_step, total):
-        if deadline is not None and time.monotonic() > deadline:
-            stopped_early = True
-            break
-        factor = _lr_factor(step, total, run.cfg.warmup_steps)
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-        with _seeded(run.cfg.seed, stage, step, run.device) as rng:
-            losses = step_fn(rng)
-        recent = (recent + [losses["loss"]])[-20:]
-        if not math.isfinite(losses["loss"]):
-            raise ConfigError(
-                f"train_pipeline expects finite losses, but got loss={losses['loss']} at {stage} step {step + 1}. "
-                "Lower the learning rate."
-            )
-        if (step + 1) % run.cfg.checkpoint_every == 0 and step + 1 < total:
-            run.save(stage, step + 1, done=False, modules=modules, optimizers=optimizers)
-        run.log(stage, step + 1, total, losses, lr * factor)
-    else:
-        step = total
-    summary = {"steps": step, "steps_planned": total, "stopped_early": stopped_early,
-               "final_loss_mean20": float(np.mean(recent)) if recent else None,
-               "wall_s": round(time.monotonic() - t0, 1)}
-    run.save(stage, step, done=True, modules=modules, optimizers=optimizers, extra={"summary": summary})
-    return summary
-
-
 # ---------------------------------------------------------------------------------------------- stages
 
 
@@ -329,12 +173,15 @@ def _stack(cases: Sequence[TrainingCase], idx: Sequence[int], attr: str) -> np.n
     return np.stack([getattr(cases[int(i)], attr) for i in idx])
 
 
-def train_vae_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase]) -> dict[str, Any]:
+def train_vae_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[TrainingCase]) -> dict[str, Any]:
     """Stage 1: train the VAE on random patches (B, 1, P, P, P) with L1 + KL (+ adversarial)."""
     cfg, dev, vae = run.cfg, run.device, pipe.vae
     vae.train()
+    params = list(vae.parameters())
+    if cfg.vae_decoder_only:
+        params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     modules: dict[str, torch.nn.Module] = {"vae": vae}
-    optimizers: dict[str, torch.optim.Optimizer] = {"vae": torch.optim.Adam(vae.parameters(), lr=cfg.lr_vae)}
+    optimizers: dict[str, torch.optim.Optimizer] = {"vae": torch.optim.Adam(params, lr=cfg.lr_vae)}
     disc = adv = None
     if cfg.adv_weight > 0:
         from monai.losses.adversarial_loss import PatchAdversarialLoss
@@ -359,7 +206,12 @@ def train_vae_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase
             flips = tuple(a for a in range(3) if rng.random() < 0.5)
             crops.append(np.flip(crop, flips) if flips else crop)
         x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
-        recon, mu, sigma = vae(x)
+        if cfg.vae_decoder_only:
+            with torch.no_grad():
+                mu, sigma = vae.encode(x)
+            recon = vae.decode(vae.sampling(mu, sigma))
+        else:
+            recon, mu, sigma = vae(x)
         l1 = (recon - x).abs().mean()
         kl = 0.5 * torch.sum(mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-10) - 1, dim=[1, 2, 3, 4]).mean()
         loss = l1 + cfg.kl_weight * kl
@@ -380,7 +232,7 @@ def train_vae_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase
             out["adv_d"] = float(d_loss.detach())
         return {"loss": float(loss.detach()), **out}
 
-    summary = _loop(run, "vae", step, modules, optimizers, cfg.lr_vae)
+    summary = run_stage_loop(run, "vae", step, modules, optimizers, cfg.lr_vae)
     vae.eval()
     return summary
 
@@ -416,7 +268,7 @@ def _noisy(pipe: MaisiPipeline, x0: torch.Tensor, device: torch.device):
     return pipe.scheduler.add_noise(x0, noise, t), t, x0 - noise
 
 
-def train_unet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
+def train_unet_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
                      latents: torch.Tensor) -> dict[str, Any]:
     """Stage 2: rectified flow on latents (N, C, x, y, z) (already × scale_factor), spacing + modality conditioned."""
     cfg, dev, unet = run.cfg, run.device, pipe.unet
@@ -436,12 +288,12 @@ def train_unet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCas
         opt.step()
         return {"loss": float(loss.detach())}
 
-    summary = _loop(run, "unet", step, {"unet": unet}, {"unet": opt}, cfg.lr_unet)
+    summary = run_stage_loop(run, "unet", step, {"unet": unet}, {"unet": opt}, cfg.lr_unet)
     unet.eval()
     return summary
 
 
-def train_controlnet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
+def train_controlnet_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
                            latents: torch.Tensor) -> dict[str, Any]:
     """Stage 3: ControlNet on (label map (B, 8, X, Y, Z) 8-bit, latent) pairs through the frozen UNet."""
     cfg, dev, unet, cnet = run.cfg, run.device, pipe.unet, pipe.controlnet
@@ -468,7 +320,7 @@ def train_controlnet_stage(run: _Run, pipe: MaisiPipeline, cases: Sequence[Train
         return {"loss": float(loss.detach())}
 
     try:
-        summary = _loop(run, "controlnet", step, {"controlnet": cnet}, {"controlnet": opt}, cfg.lr_controlnet)
+        summary = run_stage_loop(run, "controlnet", step, {"controlnet": cnet}, {"controlnet": opt}, cfg.lr_controlnet)
     finally:
         for p in unet.parameters():
             p.requires_grad_(True)
@@ -544,13 +396,14 @@ def train_pipeline(
         )
     fingerprint = {"seed": cfg.seed, "init_from": init_from, "num_cases": len(cases),
                    "batches": [cfg.batch_vae, cfg.batch_unet, cfg.batch_controlnet],
-                   "lrs": [cfg.lr_vae, cfg.lr_unet, cfg.lr_controlnet]}
-    run = _Run(Path(checkpoint_dir), cfg, dev, callback, resume, fingerprint)
+                   "lrs": [cfg.lr_vae, cfg.lr_unet, cfg.lr_controlnet], "vae_decoder_only": cfg.vae_decoder_only}
+    run = TrainingRun(Path(checkpoint_dir), cfg, dev, callback, resume, fingerprint)
     summaries: dict[str, Any] = {}
     scale_factor = pipe.scale_factor
     if "vae" in cfg.stages:
         summaries["vae"] = train_vae_stage(run, pipe, cases)
-        scale_factor = compute_scale_factor(encode_cases(pipe.vae, cases[: cfg.scale_factor_cases], dev))
+        if not cfg.vae_decoder_only:  # a frozen encoder keeps the latents, so the scale factor stays
+            scale_factor = compute_scale_factor(encode_cases(pipe.vae, cases[: cfg.scale_factor_cases], dev))
         logger.info("scale_factor = %.5f", scale_factor)
     pipe.scale_factor = scale_factor
     latents = None

@@ -1,4 +1,4 @@
-"""Training loops (tiny preset, 32³ phantoms), checkpoints/resume, fine-tuning, ``models train`` and the default model."""
+"""Training loops (tiny preset, 32³ phantoms), checkpoints/resume, fine-tuning, ``models train``, default model."""
 
 from __future__ import annotations
 
@@ -118,8 +118,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_cases):
 def test_resume_with_other_seed_is_refused(tmp_path, tiny_cases):
     cfg = TrainingConfig(stages=("unet",), steps_unet=1)
     train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=tmp_path / "a", checkpoint_dir=tmp_path / "ck", training=cfg)
-    with pytest.raises(CheckpointError, match=r"^train_pipeline expects a checkpoint of the same run to resume, but got "
-                                              r"fingerprint=\{'batches': \[4, 4, 2\], 'init_from': 'preset:tiny', .*'seed': 0\}"):
+    with pytest.raises(CheckpointError, match=r"^train_pipeline expects a checkpoint of the same run to resume, "
+                                              r"but got fingerprint=\{'batches': \[4, 4, 2\], "
+                                              r"'init_from': 'preset:tiny', .*'seed': 0, 'vae_decoder_only': False\}"):
         train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=tmp_path / "b", checkpoint_dir=tmp_path / "ck",
                        training=TrainingConfig(stages=("unet",), steps_unet=1, seed=1), resume=True)
 
@@ -272,3 +273,14 @@ def test_default_model_generates_a_qc_passing_case():
     assert out.image_hu.shape == (64, 64, 64)
     result = qc.check_case(out.image_hu, case.label_map)
     assert result.passed, result.summary()
+
+
+def test_vae_decoder_only_keeps_encoder_and_scale_factor(tmp_path, tiny_pipe, tiny_cases):
+    tiny_pipe.save_pretrained(tmp_path / "base")
+    cfg = TrainingConfig(stages=("vae",), steps_vae=2, batch_vae=1, vae_patch_vox=16, vae_decoder_only=True)
+    result = train_pipeline(tmp_path / "base", tiny_cases, out_dir=tmp_path / "ft", checkpoint_dir=tmp_path / "ck",
+                            training=cfg)
+    a, b = _weights(tmp_path / "base", "vae"), _weights(tmp_path / "ft", "vae")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert result.scale_factor == tiny_pipe.scale_factor
