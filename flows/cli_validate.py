@@ -15,6 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default="phantom",
                    help="'phantom' (default: intensity-model renders of the generated masks) or a folder with "
                         "reference.json or NIfTI images (e.g. from scripts/fetch_real_ct.py)")
+    p.add_argument("--extractor", default="radiomics", choices=("radiomics", "astra"),
+                   help="features: radiomics (default, no weights) or astra (I3ResNet-152; needs the astra extra)")
     p.add_argument("--as-of", type=int, default=None, help="samples table version to validate")
     p.add_argument("--max-cases", type=int, default=64)
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
@@ -29,7 +31,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     cat = open_catalog(args.root, _storage_options(args.storage_option) or None)
     generated = load_generated(cat, as_of=args.as_of, max_cases=args.max_cases)
-    metrics = compute_dataset_metrics(generated, args.reference)
+    metrics = compute_dataset_metrics(generated, args.reference, extractor=args.extractor)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.6g}")

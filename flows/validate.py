@@ -15,10 +15,11 @@ Reference sets:
   folder of ``*.nii.gz`` images: ``fd_radiomics_ref`` is then the distance between two halves of the
   reference set.
 
-Metric names (columns of the ``datasets`` table): ``fd_radiomics`` (mean of the three planes) and
-``fd_radiomics_{axial,coronal,sagittal}``, ``fd_radiomics_ref``, ``diversity_mean_pairwise``,
-``diversity_near_duplicate_pairs``, ``memorisation_fraction`` and ``memorisation_closer_than_own_nn``,
-plus ``metric_n_generated`` / ``metric_n_reference``.
+Metric names (columns of the ``datasets`` table), one per metric and extractor (``radiomics``, or
+``astra`` for the optional I3ResNet-152 features): ``fd_radiomics`` (mean of the three planes) and
+``fd_radiomics_{axial,coronal,sagittal}``, ``fd_radiomics_ref``, ``diversity_radiomics_mean_pairwise``,
+``diversity_radiomics_near_duplicate_pairs``, ``memorisation_radiomics_fraction`` and
+``memorisation_radiomics_closer_than_own_nn``, plus ``metric_n_generated`` / ``metric_n_reference``.
 """
 
 from __future__ import annotations
@@ -85,13 +86,34 @@ def load_reference_volumes(reference: str | Path) -> list[np.ndarray]:
     return [load_image(f).array for f in files]
 
 
+EXTRACTORS = ("radiomics", "astra")
+
+
+def build_extractor(name: str):
+    """Return the feature extractor for a metric family: ``radiomics`` (default) or ``astra`` (extra)."""
+    if name == "radiomics":
+        from maisi_core.metrics import RadiomicsFeatureExtractor
+
+        return RadiomicsFeatureExtractor()
+    if name == "astra":
+        from maisi_core.astra import AstraFeatureExtractor
+
+        return AstraFeatureExtractor()
+    raise ValidationInputError(f"validate_dataset expects extractor in {list(EXTRACTORS)}, but got extractor={name!r}.")
+
+
 def compute_dataset_metrics(
     generated: list[dict[str, Any]],
     reference: str | Path = PHANTOM_REFERENCE,
+    *,
+    extractor: str = "radiomics",
 ) -> dict[str, float]:
-    """Compute the dataset metrics of generated cases against a reference set (see the module docstring)."""
+    """Compute the dataset metrics of generated cases against a reference set (see the module docstring).
+
+    ``extractor`` names the metric columns: ``fd_radiomics*`` or ``fd_astra*``.
+    """
     from maisi_core.intensity import synthesize_ct
-    from maisi_core.metrics import RadiomicsFeatureExtractor, compute_frechet, diversity, memorization
+    from maisi_core.metrics import compute_frechet, diversity, memorization
 
     if len(generated) < MIN_CASES:
         raise ValidationInputError(
@@ -113,19 +135,20 @@ def compute_dataset_metrics(
             )
         half = len(ref_vols) // 2
         baseline = (ref_vols[:half], ref_vols[half:])
-    extractor = RadiomicsFeatureExtractor()
-    fd = compute_frechet(ref_vols, gen_vols, extractor)
-    fd_ref = compute_frechet(baseline[0], baseline[1], extractor)
-    gen_feats = extractor.extract(gen_vols)
-    ref_feats = extractor.extract(ref_vols)
+    ext = build_extractor(extractor)
+    fd = compute_frechet(ref_vols, gen_vols, ext)
+    fd_ref = compute_frechet(baseline[0], baseline[1], ext)
+    gen_feats = ext.extract(gen_vols)
+    ref_feats = ext.extract(ref_vols)
     div = diversity(gen_feats)
     mem = memorization(gen_feats, ref_feats)
-    metrics = {"fd_radiomics": fd.mean, "fd_radiomics_ref": fd_ref.mean,
-               **{f"fd_radiomics_{plane}": value for plane, value in fd.per_plane.items()},
-               "diversity_mean_pairwise": div.mean_pairwise_distance,
-               "diversity_near_duplicate_pairs": float(len(div.near_duplicates)),
-               "memorisation_fraction": mem.fraction_memorized,
-               "memorisation_closer_than_own_nn": mem.fraction_closer_than_own_nn,
+    per_plane = {p: v for p, v in fd.per_plane.items() if p != "volume"}
+    metrics = {f"fd_{extractor}": fd.mean, f"fd_{extractor}_ref": fd_ref.mean,
+               **{f"fd_{extractor}_{plane}": value for plane, value in per_plane.items()},
+               f"diversity_{extractor}_mean_pairwise": div.mean_pairwise_distance,
+               f"diversity_{extractor}_near_duplicate_pairs": float(len(div.near_duplicates)),
+               f"memorisation_{extractor}_fraction": mem.fraction_memorized,
+               f"memorisation_{extractor}_closer_than_own_nn": mem.fraction_closer_than_own_nn,
                "metric_n_generated": float(len(gen_vols)), "metric_n_reference": float(len(ref_vols))}
     return {k: float(v) for k, v in metrics.items()}
 

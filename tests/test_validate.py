@@ -50,14 +50,14 @@ def test_phantom_like_cases_score_near_the_reference_baseline_and_shifted_ones_f
     assert good["fd_radiomics"] < 10 * good["fd_radiomics_ref"]
     assert shifted["fd_radiomics"] > 10 * good["fd_radiomics"]
     assert set(good) >= {"fd_radiomics_axial", "fd_radiomics_coronal", "fd_radiomics_sagittal",
-                         "diversity_mean_pairwise", "memorisation_fraction"}
-    assert good["metric_n_generated"] == 6 and good["diversity_near_duplicate_pairs"] == 0
+                         "diversity_radiomics_mean_pairwise", "memorisation_radiomics_fraction"}
+    assert good["metric_n_generated"] == 6 and good["diversity_radiomics_near_duplicate_pairs"] == 0
 
 
 def test_duplicated_cases_are_flagged():
     cases = _cases(4)
     metrics = compute_dataset_metrics(cases + [dict(cases[0], sample_id="dup")])
-    assert metrics["diversity_near_duplicate_pairs"] >= 1
+    assert metrics["diversity_radiomics_near_duplicate_pairs"] >= 1
 
 
 def test_too_few_cases_is_a_clear_error():
@@ -92,3 +92,8 @@ def test_flow_hook_reads_relative_uris_and_cli_records_metrics(tmp_path, capsys)
 def test_cli_validate_without_dataset_row_is_exit_2(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nothing")]) == 2
     assert "ctfactory validate:" in capsys.readouterr().err
+
+
+def test_unknown_extractor_is_refused():
+    with pytest.raises(ValidationInputError, match=r"expects extractor in \['radiomics', 'astra'\], but got extractor='inception'"):
+        compute_dataset_metrics(_cases(2), extractor="inception")
