@@ -204,14 +204,13 @@ def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
 
 
 def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attempt: int, code_version: str,
-            **fields: Any) -> SampleRecord:
+            tumor_size_mm: float | None = None, **fields: Any) -> SampleRecord:
     return SampleRecord(
         sample_id=request.sample_id, dataset=request.dataset, dataset_version=request.dataset_version,
         spec_id=request.spec_id, cohort=request.cohort, case_index=request.case_index, seed=seed, attempt=attempt,
         model_name=generator.model_name, model_digest=generator.model_digest, code_version=code_version,
         body_region=request.region_name, pathology=request.pathology, output_size=request.output_size,
-        spacing_mm=request.spacing_mm, tumor_label=request.tumor_label,
-        tumor_size_mm=None if request.tumor_size_mm is None else float(request.tumor_size_mm[1]),
+        spacing_mm=request.spacing_mm, tumor_label=request.tumor_label, tumor_size_mm=tumor_size_mm,
         device=generator.device, **fields,
     )
 
@@ -260,8 +259,10 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
         t4 = time.perf_counter()
         timings = {"mask": t1 - t0, "generate": t2 - t1, "qc": t3 - t2, "write": t4 - t3,
                    **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": t4 - t_start}
+        placed = [t.diameter_mm for t in mask.tumors if t.label == request.tumor_label]
         return _record(request, generator, seed=seed, attempt=attempt, code_version=code_version, status="passed",
-                       qc_pass=True, mask_source=mask.mask_source, mask_id=mask.mask_id,
+                       qc_pass=True, tumor_size_mm=float(placed[0]) if placed else None,
+                       mask_source=mask.mask_source, mask_id=mask.mask_id,
                        image_uri=request.image_uri, label_uri=request.label_uri,
                        image_sha256=image.sha256, label_sha256=label.sha256,
                        image_bytes=image.n_bytes, label_bytes=label.n_bytes,

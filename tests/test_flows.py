@@ -87,6 +87,14 @@ def test_run_case_passes_and_writes_files(tmp_path):
     assert {"mask", "generate", "qc", "write", "case_total"} <= set(record.timings_s)
 
 
+def test_run_case_records_the_placed_tumour_diameter(tmp_path):
+    spec = _spec(tmp_path, **{"    qc: {{organ_hu_check: false}}".format(): "    pathology: {type: lung_tumor, size_mm: [20, 40]}\n    qc: {organ_hu_check: false}"})
+    request = plan_dataset(spec).cases[0]
+    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path))
+    assert record.status == "passed" and record.tumor_label == 23
+    assert 20.0 <= record.tumor_size_mm <= 40.0 and record.tumor_size_mm != 40.0  # the drawn size, not the max
+
+
 def test_run_case_orphan_files_kept_or_replaced(tmp_path):
     request = plan_dataset(_spec(tmp_path)).cases[0]
     gen = get_generator("maisi", "preset:tiny", "cpu")
