@@ -86,6 +86,7 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
     from maisi_core.errors import ConfigError, WeightsNotFoundError
     from maisi_core.pipeline import MaisiPipeline, resolve_device
     from maisi_core.presets import get_preset
+    from maisi_core.weights import state_digest
 
     dev = str(resolve_device(device))
     key = (ref, dev, decode_preset)
@@ -97,7 +98,7 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
             if name is not None:
                 pipe = MaisiPipeline.from_config(get_preset(name), device=dev, init_seed=PRESET_INIT_SEED,
                                                  decode_preset=decode_preset)
-                pipe.model_digest = f"{ref}@init_seed={PRESET_INIT_SEED}"
+                pipe.model_digest = state_digest({"vae": pipe.vae, "unet": pipe.unet, "controlnet": pipe.controlnet})
             else:
                 pipe = MaisiPipeline.from_pretrained(ref, device=dev, decode_preset=decode_preset)
         except (ConfigError, WeightsNotFoundError) as exc:

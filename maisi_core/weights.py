@@ -82,6 +82,20 @@ def _digest_of(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def state_digest(modules: dict[str, torch.nn.Module]) -> str:
+    """Return the sha256 of the networks' weights (names, dtypes, shapes and bytes, in a fixed order).
+
+    Identifies a model that has no model directory (e.g. a preset with seeded random weights).
+    """
+    h = hashlib.sha256()
+    for comp in sorted(modules):
+        for key, tensor in sorted(modules[comp].state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{comp}.{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def packaged_model_path(name: str) -> Path | None:
     """Return the folder of a model shipped inside the package (``default``), or None if absent."""
     root = resources.files("maisi_core").joinpath("models", name)

@@ -138,3 +138,13 @@ def test_garbage_checkpoint_gives_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises((WeightsError, UnsafeCheckpointError), match=r"load_torch_checkpoint expects"):
         load_torch_checkpoint(path)
+
+
+def test_state_digest_identifies_weights(tiny_pipe):
+    from maisi_core.weights import state_digest
+
+    mods = {"vae": tiny_pipe.vae, "unet": tiny_pipe.unet, "controlnet": tiny_pipe.controlnet}
+    other = MaisiPipeline.from_config(presets.tiny(), device="cpu", init_seed=1)
+    assert state_digest(mods) == state_digest(dict(mods))
+    assert len(state_digest(mods)) == 64
+    assert state_digest(mods) != state_digest({"vae": other.vae, "unet": other.unet, "controlnet": other.controlnet})
