@@ -12,7 +12,7 @@ corpus uses seeds ``seed * 1_000_003 + i`` with i < 1000), the model generates o
     held-out set B, and set A vs set A with Gaussian noise (sigma ``--noise-hu``).
 
 Writes ``eval.json`` and preview PNGs (three orthogonal slices with label overlay) to ``--out``; with
-``--loss-log`` also ``loss_curves.png`` from a training ``loss_log.jsonl``.
+``--loss-log`` also ``loss_curves.png`` from training ``loss_log.jsonl`` files (one row of panels per run).
 
 Usage::
 
@@ -65,29 +65,36 @@ def organ_errors(volumes, label_maps) -> dict[str, dict[str, float]]:
                 "reference_hu": ref[o], "n": len(v)} for o, v in per.items()}
 
 
-def plot_loss(log_path: Path, out_png: Path) -> None:
-    """Plot each stage's loss (raw and 25-step moving average) from a ``loss_log.jsonl``."""
+def plot_loss(log_paths: list[Path], out_png: Path) -> None:
+    """Plot each run's stage losses (raw and 25-step moving average), one row per ``loss_log.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-    stages = [s for s in ("vae", "unet", "controlnet") if any(r["stage"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.4))
-    for ax, stage in zip(np.atleast_1d(axes), stages, strict=True):
+    runs = [[json.loads(line) for line in p.read_text().splitlines() if line] for p in log_paths]
+    panels = [(i, s) for i, rows in enumerate(runs) for s in ("vae", "unet", "controlnet")
+              if any(r["stage"] == s for r in rows)]
+    cols = 3
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (i, stage) in zip(axes.flat, panels):
+        rows = runs[i]
         steps = np.array([r["step"] for r in rows if r["stage"] == stage])
         key = "l1" if stage == "vae" else "loss"
         loss = np.array([r[key] for r in rows if r["stage"] == stage])
         ax.plot(steps, loss, lw=0.5, alpha=0.4, label=key)
         k = min(25, len(loss))
         ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-        ax.set_title(f"{stage} ({'L1 reconstruction' if stage == 'vae' else 'rectified-flow L1'})")
+        what = "L1 reconstruction" if stage == "vae" else "rectified-flow L1"
+        ax.set_title(f"run {i + 1}: {stage}, {what}", fontsize=8)
         ax.set_xlabel("step")
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
+    fig.savefig(out_png, dpi=80)
 
 
 def main() -> None:
@@ -100,7 +107,7 @@ def main() -> None:
     parser.add_argument("--previews", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--loss-log", type=Path, default=None)
+    parser.add_argument("--loss-log", type=Path, nargs="+", default=None, help="loss_log.jsonl files, in order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ and writes a model directory (:meth:`MaisiPipeline.save_pretrained`) whose index
    latent through the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``, with the
    label map as the 8-bit encoding of :func:`maisi_core.pipeline.encode_labels_8bit`.
 
-Optionally latent voxels covering organ or tumour labels (anything but 0 and body 200) get ``roi_loss_weight``.
+Optionally voxels (VAE) and latent voxels (UNet, ControlNet) covering organ or tumour labels (anything but 0 and body 200) get ``roi_loss_weight``.
 
 Starting from a model directory instead of a preset fine-tunes it (selected stages continue from its weights).
 
@@ -72,7 +72,8 @@ class TrainingConfig:
             UNet/ControlNet, stays valid while the reconstruction improves (fine-tuning a finished model).
         adv_weight: patch adversarial weight (0 switches the discriminator off).
         diffusion_loss: ``"l1"`` (MAISI) or ``"mse"``.
-        roi_loss_weight: weight of latent voxels covering organ/tumour labels (1: plain mean).
+        roi_loss_weight: weight of voxels (VAE) and latent voxels (UNet, ControlNet) covering organ/tumour
+            labels, i.e. anything but background 0 and body 200 (1: plain mean).
         scale_factor_cases: images encoded to estimate the latent scale factor.
         max_minutes: wall-time budget for all stages (None: no limit); a stage gets the remaining budget
             times its share of the remaining steps and stops early when it runs out.
@@ -199,20 +200,22 @@ def train_vae_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[Train
 
     def step(rng: np.random.Generator) -> dict[str, float]:
         idx = rng.integers(len(cases), size=cfg.batch_vae)
-        crops = []
+        crops, label_crops = [], []
         for i in idx:
             lo = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch, strict=True)]
-            crop = cases[int(i)].image[lo[0]:lo[0] + patch[0], lo[1]:lo[1] + patch[1], lo[2]:lo[2] + patch[2]]
+            box = tuple(slice(a, a + p) for a, p in zip(lo, patch, strict=True))
             flips = tuple(a for a in range(3) if rng.random() < 0.5)
-            crops.append(np.flip(crop, flips) if flips else crop)
+            crops.append(np.flip(cases[int(i)].image[box], flips))
+            label_crops.append(np.flip(cases[int(i)].label_map[box], flips))
         x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
+        weight = _roi_weights(np.ascontiguousarray(np.stack(label_crops)), 1, cfg.roi_loss_weight)
         if cfg.vae_decoder_only:
             with torch.no_grad():
                 mu, sigma = vae.encode(x)
             recon = vae.decode(vae.sampling(mu, sigma))
         else:
             recon, mu, sigma = vae(x)
-        l1 = (recon - x).abs().mean()
+        l1 = _weighted_loss(recon, x, None if weight is None else weight.to(dev), "l1")
         kl = 0.5 * torch.sum(mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-10) - 1, dim=[1, 2, 3, 4]).mean()
         loss = l1 + cfg.kl_weight * kl
         out = {"l1": float(l1.detach()), "kl": float(kl.detach())}

@@ -284,3 +284,11 @@ def test_vae_decoder_only_keeps_encoder_and_scale_factor(tmp_path, tiny_pipe, ti
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv")))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     assert result.scale_factor == tiny_pipe.scale_factor
+
+
+def test_roi_loss_weight_applies_to_every_stage(tmp_path, tiny_cases):
+    cfg = TrainingConfig(steps_vae=2, steps_unet=2, steps_controlnet=2, batch_vae=1, vae_patch_vox=16,
+                         roi_loss_weight=4.0)
+    train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=tmp_path / "m", checkpoint_dir=tmp_path / "ck", training=cfg)
+    log = _log(tmp_path / "ck")
+    assert len(log) == 6 and all(math.isfinite(r["loss"]) for r in log)
