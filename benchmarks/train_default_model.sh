@@ -15,4 +15,6 @@ ctfactory models train --from "$W/stage1" --out "$W/dec1" "${common[@]}" --seed 
     --stages vae --vae-decoder-only --steps-vae 700
 ctfactory models train --from "$W/dec1" --out "$W/dec2" "${common[@]}" --seed 1 --max-minutes 24 \
     --stages vae --vae-decoder-only --steps-vae 900
-cp -r "$W/dec2" "$W/model"
+# run 4: ControlNet only, continued (VAE and UNet kept)
+ctfactory models train --from "$W/dec2" --out "$W/model" "${common[@]}" --seed 2 --max-minutes 22 \
+    --stages controlnet --steps-controlnet 1000
