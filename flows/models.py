@@ -1,7 +1,7 @@
 """Model references of a spec resolved to pipelines: one place, one cache per process (or Dask worker).
 
 A reference is ``preset:NAME`` (a preset with seeded random weights, ``init_seed=0``: for tests and
-CPU demos, not CT-like), ``default`` (the embedded model, once it ships) or a model directory.
+CPU demos, not CT-like), ``default`` (the embedded model shipped in the package) or a model directory.
 :func:`load_pipeline` builds each (reference, device, decode preset) once per process, so a worker
 that runs many cases loads the weights once. :func:`geometry_rules` reads only the config (no weights)
 for planning.
@@ -50,23 +50,22 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
     Raises:
         ModelRefError: unknown preset; directory absent and no ``preset`` given.
     """
-    from maisi_core.config import PipelineConfig
     from maisi_core.errors import ConfigError
     from maisi_core.presets import get_preset
-    from maisi_core.weights import read_index
+    from maisi_core.weights import read_model_config
 
     name = preset_name(ref)
     try:
         if name is not None:
             return get_preset(name)
         if _model_dir_available(ref):
-            return PipelineConfig.from_dict(read_index(ref)["pipeline_config"])
+            return read_model_config(ref)
         if preset is not None:
             return get_preset(preset)
     except ConfigError as exc:
         raise ModelRefError(str(exc)) from None
     raise ModelRefError(
-        f"load_pipeline expects 'preset:NAME', 'default' (once shipped) or a model directory with "
+        f"load_pipeline expects 'preset:NAME', 'default' or a model directory with "
         f"model_index.json, but got model={ref!r}, which is not on this machine. Give model.preset "
         f"(e.g. maisi_ct_rflow) to plan without the weights, or use 'preset:tiny' for a CPU demo."
     )

@@ -214,22 +214,37 @@ def verify_model_dir(path: str | Path) -> dict[str, Any]:
     return index
 
 
+def _config_from(root: Path, index: dict[str, Any]) -> PipelineConfig:
+    parts = {}
+    for comp in COMPONENTS:
+        file = root / comp / "config.json"
+        if not file.is_file():
+            raise WeightsNotFoundError(
+                f"load_model_dir expects {comp}/config.json in the model directory, but got a missing file at {file}."
+            )
+        parts[comp] = json.loads(file.read_text())
+    config = PipelineConfig.from_dict({**index["pipeline_config"], **parts})
+    return config.replace(scale_factor=float(index["scale_factor"]))
+
+
+def read_model_config(path: str | Path) -> PipelineConfig:
+    """Return the pipeline config of a model directory (networks included) without loading any weights."""
+    root = resolve_model_path(path)
+    return _config_from(root, read_index(root))
+
+
 def load_model_dir(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Load and verify a model directory; build the networks and load their weights strictly."""
     root = resolve_model_path(path)
     index = verify_model_dir(root)
-    parts: dict[str, Any] = {}
+    config = _config_from(root, index)
     modules: dict[str, torch.nn.Module] = {}
     for comp in COMPONENTS:
-        cfg = _CONFIG_TYPES[comp].from_dict(json.loads((root / comp / "config.json").read_text()))
-        parts[comp] = cfg
-        module = _BUILDERS[comp](cfg, "cpu")
+        module = _BUILDERS[comp](getattr(config, comp), "cpu")
         state = load_file(str(root / comp / WEIGHTS_NAME), device="cpu")
         load_state_strict(module, state, who=f"load_model_dir[{comp}]")
         modules[comp] = module.to(device).eval()
-    config = PipelineConfig.from_dict({**index["pipeline_config"], **{c: parts[c].to_dict() for c in COMPONENTS}})
-    config = config.replace(scale_factor=float(index["scale_factor"]))
-    return LoadedModel(config=config, scale_factor=float(index["scale_factor"]), digest=index["digest"],
+    return LoadedModel(config=config, scale_factor=config.scale_factor, digest=index["digest"],
                        index=index, **modules)
 
 

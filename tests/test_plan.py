@@ -73,8 +73,8 @@ def test_plan_reports_every_cohort_geometry_error():
 
 def test_plan_unknown_model_directory():
     text = SPEC.replace("model: preset:tiny", "model: /no/such/model")
-    with pytest.raises(SpecError, match=r"<string>:3: model: load_pipeline expects 'preset:NAME', 'default' \(once "
-                                        r"shipped\) or a model directory with model_index.json, but got "
+    with pytest.raises(SpecError, match=r"<string>:3: model: load_pipeline expects 'preset:NAME', 'default' "
+                                        r"or a model directory with model_index.json, but got "
                                         r"model='/no/such/model'"):
         plan_dataset(parse_spec(text))
     with pytest.raises(SpecError, match=r"get_preset expects one of .*, but got name='tiny2'\. Did you mean 'tiny'\?"):
@@ -106,3 +106,13 @@ def test_plan_memory_estimate_and_table():
     text = format_plan(spec, plan_dataset(spec))
     assert "chest   3      chest    lung_tumor  32x32x32" in text
     assert text.splitlines()[-1].startswith("total   5")
+
+
+def test_plan_reads_geometry_from_a_model_directory(tmp_path, tiny_pipe):
+    # regression: the planner read only model_index.json and failed on real model directories
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    plan = plan_dataset(parse_spec(SPEC.replace("model: preset:tiny", f"model: {tmp_path / 'model'}")))
+    assert len(plan.cases) == 5
+    bad = SPEC.replace("model: preset:tiny", f"model: {tmp_path / 'model'}").replace("[32, 32, 32]", "[40, 40, 40]")
+    with pytest.raises(SpecError, match=r"expects each output size divisible by 16"):
+        plan_dataset(parse_spec(bad))
