@@ -14,8 +14,8 @@ SPECS = Path(__file__).resolve().parent.parent / "specs"
 def test_check_spec_ok_prints_plan(capsys):
     assert main(["check-spec", str(SPECS / "demo.yaml")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("dataset demo v0.1.0  spec_id ")
-    assert "chest_nodules    3      chest    lung_tumor  64x64x64" in out
+    assert out.startswith("dataset demo v0.2.0  spec_id ")
+    assert "chest_nodules    3      chest+abdomen  lung_tumor  64x64x64" in out
     assert "total            6" in out
 
 
@@ -40,9 +40,9 @@ def test_check_spec_bad_exit_2_with_every_error(tmp_path, capsys):
 
 def test_check_spec_geometry_error_exit_2(tmp_path, capsys):
     bad = tmp_path / "geo.yaml"
-    bad.write_text((SPECS / "demo.yaml").read_text().replace("[64, 64, 64]", "[64, 64, 60]"))
+    bad.write_text((SPECS / "demo.yaml").read_text().replace("[64, 64, 64]", "[64, 64, 60]", 1))
     assert main(["check-spec", str(bad)]) == 2
-    assert f"{bad}:20: cohorts[0].output_size: Cohort[chest_nodules] on model tiny expects each output size divisible by 16 (VAE and UNet downsampling), " \
+    assert f"{bad}:20: cohorts[0].output_size: Cohort[chest_nodules] on model default expects each output size divisible by 16 (VAE and UNet downsampling), " \
            "but got output_size_vox=[64, 64, 60]. Next valid: [64, 64, 64]." in capsys.readouterr().err
 
 

