@@ -161,8 +161,12 @@ def _qc_section(rows: list[dict[str, Any]]) -> str:
     passed = sum(1 for r in rows if r["status"] == "passed" and r["qc_pass"])
     reasons = Counter(f.split(":")[0] for r in rows for f in (r.get("qc_failures") or []))
     reasons.update(r["failure_reason"] for r in rows if r.get("failure_reason") and not r.get("qc_failures"))
-    body = (f'<p>QC pass rate: <b class="pass">{passed}</b> of {len(rows)} attempts '
-            f"({100.0 * passed / len(rows):.1f} %).</p>")
+    attempts = sum(int(r.get("attempt") or 0) + 1 for r in rows)
+    first = sum(1 for r in rows if r["status"] == "passed" and not r.get("attempt"))
+    body = (f'<p>Cases passing QC: <b class="pass">{passed}</b> of {len(rows)} '
+            f"({100.0 * passed / len(rows):.1f} %). Generation attempts: {attempts}; passing at the first "
+            f"attempt: {first} of {len(rows)} cases ({100.0 * first / len(rows):.1f} %). A case that fails is "
+            "retried on a new seed; the failed attempts' volumes are not kept.</p>")
     if reasons:
         body += "<p>Failures by organ or reason:</p>" + _table(["organ / reason", "count"], reasons.most_common())
     return "<h2>Quality checks</h2>" + body

@@ -23,7 +23,7 @@ def report_root(tmp_path_factory):
     cat = open_catalog(root)
     cat.append_samples([write_case(root, i, organ_hu_median={"liver": 60.0 + 10 * i, "spleen": 45.0 - 5 * i,
                                                              "bone": 400.0}) for i in range(4)]
-                       + [make_failed_record(9)])
+                       + [make_failed_record(9, attempt=2)])
     cat.append_dataset({"dataset": "demo", "dataset_version": "1", "spec": "name: demo\ncount: 4\n",
                         "licence": "CC-BY-4.0", "fd_radimagenet_resnet50": 3.25,
                         "metrics": {"diversity_ms_ssim": 0.41}})
@@ -41,7 +41,9 @@ def test_report_html_is_self_contained_with_sections(report_root, tmp_path):
     for needle in ("spec-abc123", "maisi-tiny", "sha256:feed", "0.1.0+g123", "1000 – 1009 (5 cases)", "name: demo",
                    "CC-BY-4.0", "fd_radimagenet_resnet50", "3.25", "diversity_ms_ssim", "case_0001"):
         assert needle in text, needle
-    assert "QC pass rate: <b class=\"pass\">4</b> of 5 attempts (80.0 %)" in text
+    assert "Cases passing QC: <b class=\"pass\">4</b> of 5 (80.0 %)" in text
+    # four cases passed at their first attempt; the failed one used attempts 0, 1 and 2
+    assert "Generation attempts: 7; passing at the first attempt: 4 of 5 cases (80.0 %)" in text
     assert "<td>liver</td><td>1</td>" in text  # failure reasons by organ
 
 
