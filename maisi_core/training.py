@@ -271,21 +271,32 @@ def _noisy(pipe: MaisiPipeline, x0: torch.Tensor, device: torch.device):
     return pipe.scheduler.add_noise(x0, noise, t), t, x0 - noise
 
 
+def _rflow_loss(pipe: MaisiPipeline, cfg, rng: np.random.Generator, latents: torch.Tensor,
+                cases: Sequence[TrainingCase], batch: int, dev: torch.device, *,
+                controlnet: torch.nn.Module | None = None) -> torch.Tensor:
+    """One batch's rectified-flow loss through the UNet (with the ControlNet's residuals when given)."""
+    _, x0, spacing, labels_ = _diffusion_batch(rng, latents, cases, batch, dev)
+    xt, t, target = _noisy(pipe, x0, dev)
+    classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
+    residuals = {}
+    if controlnet is not None:
+        cond = encode_labels_8bit(torch.from_numpy(labels_.astype(np.int64))[:, None]).to(dev)
+        down, mid = controlnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    pred = pipe.unet(xt, t, class_labels=classes, spacing_tensor=spacing, **residuals)
+    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg.roi_loss_weight)
+    return _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+
+
 def train_unet_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[TrainingCase],
                      latents: torch.Tensor) -> dict[str, Any]:
     """Stage 2: rectified flow on latents (N, C, x, y, z) (already × scale_factor), spacing + modality conditioned."""
     cfg, dev, unet = run.cfg, run.device, pipe.unet
     unet.train()
     opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr_unet)
-    factor = pipe.config.vae.downsample_factor
 
     def step(rng: np.random.Generator) -> dict[str, float]:
-        _, x0, spacing, labels_ = _diffusion_batch(rng, latents, cases, cfg.batch_unet, dev)
-        xt, t, target = _noisy(pipe, x0, dev)
-        classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
-        pred = unet(xt, t, class_labels=classes, spacing_tensor=spacing)
-        weight = _roi_weights(labels_, factor, cfg.roi_loss_weight)
-        loss = _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+        loss = _rflow_loss(pipe, cfg, rng, latents, cases, cfg.batch_unet, dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -305,18 +316,9 @@ def train_controlnet_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequenc
         p.requires_grad_(False)
     cnet.train()
     opt = torch.optim.AdamW(cnet.parameters(), lr=cfg.lr_controlnet)
-    factor = pipe.config.vae.downsample_factor
 
     def step(rng: np.random.Generator) -> dict[str, float]:
-        _, x0, spacing, labels_ = _diffusion_batch(rng, latents, cases, cfg.batch_controlnet, dev)
-        xt, t, target = _noisy(pipe, x0, dev)
-        classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
-        cond = encode_labels_8bit(torch.from_numpy(labels_.astype(np.int64))[:, None]).to(dev)
-        down, mid = cnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
-        pred = unet(xt, t, class_labels=classes, spacing_tensor=spacing,
-                    down_block_additional_residuals=down, mid_block_additional_residual=mid)
-        weight = _roi_weights(labels_, factor, cfg.roi_loss_weight)
-        loss = _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+        loss = _rflow_loss(pipe, cfg, rng, latents, cases, cfg.batch_controlnet, dev, controlnet=cnet)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
