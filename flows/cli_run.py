@@ -25,23 +25,9 @@ _PREFECT_DEFAULTS = {
 }
 
 
-# With no PREFECT_API_URL the run talks to a private ephemeral SQLite server that nobody browses:
-# its task-run recorder and event persister only add SQLite lock contention (HTTP 503 and 1-3 s client
-# back-offs, ORCHESTRATION.md), tens of ms per task. Flow runs are still recorded there; task runs are
-# not (set either variable to "true" to keep them). With a configured server nothing is changed.
-_EPHEMERAL_DEFAULTS = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
-}
-
-
-def prefect_env_defaults(verbose: bool = False) -> None:
-    """Set Prefect defaults the user has not set (the CLI edge and the benchmarks call this)."""
+def _prefect_env(verbose: bool) -> None:
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    if not os.environ.get("PREFECT_API_URL"):
-        for key, value in _EPHEMERAL_DEFAULTS.items():
-            os.environ.setdefault(key, value)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -130,7 +116,7 @@ def _summary_table(summary: dict[str, Any], wall_s: float) -> str:
 
 def run_run(args: argparse.Namespace) -> int:
     """Run the generate-dataset flow on a spec (ephemeral Prefect unless PREFECT_API_URL is set)."""
-    prefect_env_defaults(args.verbose)
+    _prefect_env(args.verbose)
     from flows.spec import load_spec
 
     try:
@@ -159,7 +145,7 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the folder's specs as scheduled deployments (blocks until interrupted)."""
-    prefect_env_defaults(args.verbose)
+    _prefect_env(args.verbose)
     from flows.serve import load_spec_folder, serve_specs
 
     try:
@@ -172,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Start a run of a served deployment with a spec; print the flow-run ID."""
-    prefect_env_defaults(args.verbose)
+    _prefect_env(args.verbose)
     from flows.errors import DeploymentError
     from flows.spec import load_spec
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from pathlib import Path
 
 import pytest
@@ -67,23 +65,3 @@ def test_run_help_lists_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--out", "--device", "--dask-address", "--dask-local", "--storage-option"):
         assert flag in out
-
-
-def test_prefect_defaults_switch_off_recorders_only_for_the_ephemeral_server(monkeypatch):
-    from flows.cli_run import prefect_env_defaults
-
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # nothing set here leaks into other tests
-    keys = ("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED")
-    for key in (*keys, "PREFECT_API_URL"):
-        monkeypatch.delenv(key, raising=False)
-    prefect_env_defaults()
-    assert all(os.environ[k] == "false" for k in keys)
-    for key in keys:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    prefect_env_defaults()
-    assert not any(k in os.environ for k in keys)  # a configured server keeps its own settings
-    monkeypatch.delenv("PREFECT_API_URL")
-    monkeypatch.setenv(keys[0], "true")
-    prefect_env_defaults()
-    assert os.environ[keys[0]] == "true"  # the user's choice wins
