@@ -23,6 +23,20 @@ _COMMAND_MODULES = (
 EXIT_BAD_INPUT = 2
 
 
+def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
+    """Turn repeated ``--storage-option KEY=VALUE`` arguments into a dict (shared by every command)."""
+    from flows.errors import SpecError
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--storage-option expects KEY=VALUE, but got {pair!r}. "
+                            "Example: --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:9000")
+        options[key] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every available sub-command registered."""
     parser = argparse.ArgumentParser(

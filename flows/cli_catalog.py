@@ -21,14 +21,9 @@ EXIT_VERIFY_FAILED = 1
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, str]:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise QueryError(f"--storage-option expects KEY=VALUE, but got {pair!r}. "
-                             f"Example: --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:9000")
-        options[key] = value
-    return options
+    from flows.cli import parse_storage_options
+
+    return parse_storage_options(pairs)
 
 
 def _open(args: argparse.Namespace) -> Catalog:

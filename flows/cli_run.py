@@ -33,16 +33,9 @@ def _prefect_env(verbose: bool) -> None:
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, str]:
-    from flows.errors import SpecError
+    from flows.cli import parse_storage_options
 
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--storage-option expects KEY=VALUE, but got {pair!r}. "
-                            "Example: --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:9000")
-        options[key] = value
-    return options
+    return parse_storage_options(pairs)
 
 
 def _bad(command: str, exc: Exception) -> int:
