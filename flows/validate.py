@@ -24,7 +24,6 @@ Metric names (columns of the ``datasets`` table), one per metric and extractor (
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,17 +32,15 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from catalog.schema import METRIC_PREFIXES
 from catalog.store import Catalog
 from flows.errors import ValidationInputError
+from flows.plan import derive_seed
 
 logger = logging.getLogger(__name__)
 
 PHANTOM_REFERENCE = "phantom"
 MIN_CASES = 2
-
-
-def _derived_seed(sample_id: str, salt: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{sample_id}:{salt}".encode()).digest()[:4], "big") % 2**31
 
 
 def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | None = None,
@@ -122,9 +119,9 @@ def compute_dataset_metrics(
         )
     gen_vols = [g["image"] for g in generated]
     if str(reference) == PHANTOM_REFERENCE:
-        ref_a = [synthesize_ct(g["label"], g["spacing_mm"], seed=_derived_seed(g["sample_id"], "ref-a"))
+        ref_a = [synthesize_ct(g["label"], g["spacing_mm"], seed=derive_seed("reference", g["sample_id"], "a"))
                  for g in generated]
-        ref_b = [synthesize_ct(g["label"], g["spacing_mm"], seed=_derived_seed(g["sample_id"], "ref-b"))
+        ref_b = [synthesize_ct(g["label"], g["spacing_mm"], seed=derive_seed("reference", g["sample_id"], "b"))
                  for g in generated]
         ref_vols, baseline = ref_a, (ref_a, ref_b)
     else:
@@ -173,8 +170,8 @@ def record_validation(cat: Catalog, metrics: Mapping[str, float], *, reference: 
         )
     rows = cat.read_table("datasets").to_pylist()
     latest = max(rows, key=lambda r: (r["created_at"], r["samples_version"] or -1))
-    keep = {k: v for k, v in latest.items() if k not in {"created_at", "metrics"} and not k.startswith(
-        ("fd_", "metric_", "diversity_", "memorisation_"))}
+    keep = {k: v for k, v in latest.items()
+            if k not in {"created_at", "metrics"} and not k.startswith(METRIC_PREFIXES)}
     row = {**keep, "samples_version": cat.version, "metrics": dict(metrics), **dict(metrics)}
     return cat.append_dataset(row, commit_metadata={"ctfactory.validate_reference": str(reference),
                                                     "spec_id": latest.get("spec_id") or ""})
