@@ -17,6 +17,7 @@ Every call runs the same numbered steps, each a public method:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -274,7 +275,7 @@ class MaisiPipeline:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         out = self(request, num_inference_steps=num_inference_steps, generator=generator,
                    guidance_scale=guidance_scale, callback=callback)
-        return GenerationOutput(**{**out.__dict__, "seed": int(seed)})
+        return dataclasses.replace(out, seed=int(seed))
 
     @torch.no_grad()
     def __call__(
