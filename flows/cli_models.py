@@ -44,10 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size-vox", type=int, default=None, help="cubic case size (default: 64 for 'default', else 32)")
     p.add_argument("--spacing-mm", type=float, default=None, help="case spacing (default: 384 mm / size)")
     p.add_argument("--phantom-cases", type=int, default=200, help="phantom corpus size (without --data)")
+    p.add_argument("--corpus-workers", type=int, default=1,
+                   help="processes that draw the phantom corpus (same cases for any number)")
+    p.add_argument("--batch-vae", type=int, default=None, help="VAE patches per step (default 4)")
+    p.add_argument("--batch-unet", type=int, default=None, help="UNet cases per step (default 4)")
+    p.add_argument("--batch-controlnet", type=int, default=None, help="ControlNet cases per step (default 2)")
+    p.add_argument("--vae-patch-vox", type=int, default=None,
+                   help="cubic VAE training patch edge (default 32; the case size trains on whole volumes)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
     p.add_argument("--roi-loss-weight", type=float, default=1.0, help="loss weight of organ/tumour latent voxels")
     p.add_argument("--vae-decoder-only", action="store_true",
                    help="train only the VAE decoder (keeps the latent space of a trained model)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for all stages")
+    p.add_argument("--anneal-to-budget", action="store_true",
+                   help="with --max-minutes: decay the learning rate with the spent time too, so a run the "
+                        "budget stops early still ends annealed")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -110,7 +121,8 @@ def _train_corpus(args: argparse.Namespace, config):
     corpus = PhantomCorpusConfig(num_cases=args.phantom_cases, output_size_vox=size,
                                  spacing_xy_mm=(0.83 * spacing, 1.17 * spacing),
                                  spacing_z_mm=(0.83 * spacing, 1.17 * spacing))
-    cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range_hu)
+    cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range_hu,
+                                    workers=args.corpus_workers)
     return cases, f"procedural phantom + intensity model ({len(cases)} cases, {size}, seed {args.seed})"
 
 
@@ -128,7 +140,9 @@ def _train(args: argparse.Namespace) -> int:
         stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         steps_vae=args.steps_vae, steps_unet=args.steps_unet, steps_controlnet=args.steps_controlnet,
         roi_loss_weight=args.roi_loss_weight, vae_decoder_only=args.vae_decoder_only,
-        max_minutes=args.max_minutes, seed=args.seed,
+        max_minutes=args.max_minutes, anneal_to_budget=args.anneal_to_budget, seed=args.seed,
+        **{name: value for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every")
+           if (value := getattr(args, name)) is not None},
     )
     if args.from_model is not None:
         start = resolve_model_path(args.from_model)

@@ -357,8 +357,9 @@ class MaisiPipeline:
 
     def prepare_control(self, label_map: np.ndarray) -> torch.Tensor:
         """Step 2: the ControlNet condition (1, 8, X, Y, Z) from a label map (X, Y, Z)."""
-        t = torch.from_numpy(label_map.astype(np.int64))[None, None]
-        return encode_labels_8bit(t).to(self.device)
+        # the compact map travels to the device and the 8 float channels (32 bytes a voxel) are made there
+        t = torch.from_numpy(np.ascontiguousarray(label_map))[None, None].to(self.device)
+        return encode_labels_8bit(t)
 
     def prepare_conditioning(
         self,

@@ -77,6 +77,9 @@ class TrainingConfig:
         scale_factor_cases: images encoded to estimate the latent scale factor.
         max_minutes: wall-time budget for all stages (None: no limit); a stage gets the remaining budget
             times its share of the remaining steps and stops early when it runs out.
+        anneal_to_budget: with ``max_minutes``, decay the learning rate by the larger of step and time
+            progress, so a stage the budget stops early still ends at the floor rate (off by default: the
+            runs that made the packaged model did not do it, and it makes step-to-lr depend on the machine).
         checkpoint_every: steps between checkpoints (and always at the end of a stage).
         seed: seed of initialisation and of every step's draws.
     """
@@ -100,6 +103,7 @@ class TrainingConfig:
     roi_loss_weight: float = 1.0
     scale_factor_cases: int = 16
     max_minutes: float | None = None
+    anneal_to_budget: bool = False
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -119,7 +123,8 @@ class TrainingConfig:
         for name in ("steps_vae", "steps_unet", "steps_controlnet"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"TrainingConfig expects {name} >= 0, but got {name}={getattr(self, name)}.")
-        for name in ("batch_vae", "batch_unet", "batch_controlnet", "checkpoint_every", "scale_factor_cases"):
+        for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every",
+                     "scale_factor_cases"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -280,7 +285,7 @@ def _rflow_loss(pipe: MaisiPipeline, cfg, rng: np.random.Generator, latents: tor
     classes = torch.full((x0.shape[0],), CT_MODALITY, dtype=torch.long, device=dev)
     residuals = {}
     if controlnet is not None:
-        cond = encode_labels_8bit(torch.from_numpy(labels_.astype(np.int64))[:, None]).to(dev)
+        cond = encode_labels_8bit(torch.from_numpy(labels_)[:, None].to(dev))  # uint8 travels, 8 bits made there
         down, mid = controlnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = pipe.unet(xt, t, class_labels=classes, spacing_tensor=spacing, **residuals)

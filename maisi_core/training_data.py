@@ -17,8 +17,11 @@ Intensities are stored in the networks' [0, 1] scale: HU clipped to the preset's
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,27 +125,40 @@ def generate_phantom_corpus(
     *,
     seed: int,
     intensity_range_hu: Sequence[float] = DEFAULT_INTENSITY_RANGE_HU,
+    workers: int = 1,
 ) -> list[TrainingCase]:
     """Draw ``config.num_cases`` phantom cases; case i uses phantom seed ``seed * 1_000_003 + i``.
 
-    Regions, spacing and tumour of each case are drawn from ``np.random.default_rng(seed)``.
+    Regions, spacing and tumour of each case are drawn from ``np.random.default_rng(seed)`` in this
+    process, so ``workers > 1`` (a pool of spawned processes painting the cases) gives the same cases.
     """
+    if int(workers) < 1:
+        raise TrainingDataError(f"generate_phantom_corpus expects workers >= 1, but got workers={workers}.")
     rng = np.random.default_rng(seed)
     sets = [s for s, _ in PHANTOM_REGION_SETS]
     weights = np.array([w for _, w in PHANTOM_REGION_SETS])
-    cases = []
+    jobs = []
     for i in range(int(config.num_cases)):
         regions = sets[int(rng.choice(len(sets), p=weights / weights.sum()))]
         sxy = float(rng.uniform(*config.spacing_xy_mm))
         sz = float(rng.uniform(*config.spacing_z_mm))
         tumors = [t for r in regions for t in REGION_TUMORS[r]]
         tumor = int(rng.choice(tumors)) if tumors and rng.random() < config.tumor_probability else None
-        cases.append(generate_phantom_case(
-            int(seed) * 1_000_003 + i, output_size_vox=config.output_size_vox, spacing_mm=(sxy, sxy, sz),
-            regions=regions, tumor_id=tumor, intensity_range_hu=intensity_range_hu,
-        ))
+        jobs.append(partial(generate_phantom_case, int(seed) * 1_000_003 + i, output_size_vox=config.output_size_vox,
+                            spacing_mm=(sxy, sxy, sz), regions=regions, tumor_id=tumor,
+                            intensity_range_hu=intensity_range_hu))
+    if int(workers) == 1 or len(jobs) < 2:
+        cases = [job() for job in jobs]
+    else:
+        # spawn, not fork: the caller may hold threads (torch, CUDA) that a forked child must not inherit
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+            cases = list(pool.map(_call, jobs, chunksize=max(1, len(jobs) // (8 * int(workers)))))
     logger.info("phantom corpus: %d cases of %s", len(cases), config.output_size_vox)
     return cases
+
+
+def _call(job: Callable[[], TrainingCase]) -> TrainingCase:
+    return job()
 
 
 def _stem(path: Path) -> str:

@@ -60,11 +60,16 @@ def _seeded(seed: int, stage: str, step: int, device: torch.device):
         yield np.random.default_rng(_step_seed(seed, stage, step))
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def _lr_factor(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % over the larger of step progress and ``time_progress``.
+
+    ``time_progress`` (the spent share of a stage's wall-time budget) makes a run that a budget stops before
+    its last step still end annealed, instead of being cut off near the peak learning rate.
+    """
     warmup = max(1, min(warmup, total // 10))
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), time_progress)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -164,13 +169,17 @@ def run_stage_loop(run: TrainingRun, stage: str, step_fn: Callable[[np.random.Ge
         logger.info("%s: resuming at step %d of %d", stage, start_step, total)
     run.trim_log(stage, start_step)
     deadline = run.stage_deadline(stage)
+    budget_start = time.monotonic()
     recent: list[float] = []
     step, stopped_early = start_step, False
     for step in range(start_step, total):
-        if deadline is not None and time.monotonic() > deadline:
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
             stopped_early = True
             break
-        factor = _lr_factor(step, total, run.cfg.warmup_steps)
+        time_progress = (0.0 if deadline is None or not run.cfg.anneal_to_budget
+                         else (now - budget_start) / max(1e-9, deadline - budget_start))
+        factor = _lr_factor(step, total, run.cfg.warmup_steps, time_progress)
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = lr * factor

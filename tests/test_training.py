@@ -64,6 +64,15 @@ def test_phantom_corpus_is_seeded_and_on_grid(tiny_cases):
     assert 200 in np.unique(case.label_map)
 
 
+def test_phantom_corpus_workers_draw_the_same_cases(tiny_cases):
+    pooled = generate_phantom_corpus(PhantomCorpusConfig(num_cases=4, **TINY_GRID), seed=3, workers=2)
+    assert [c.name for c in pooled] == [c.name for c in tiny_cases]
+    assert all(np.array_equal(a.image, b.image) and np.array_equal(a.label_map, b.label_map)
+               and a.spacing_mm == b.spacing_mm for a, b in zip(tiny_cases, pooled, strict=True))
+    with pytest.raises(TrainingDataError, match=r"^generate_phantom_corpus expects workers >= 1, but got workers=0\.$"):
+        generate_phantom_corpus(PhantomCorpusConfig(num_cases=1, **TINY_GRID), seed=3, workers=0)
+
+
 def test_train_pipeline_tiny_all_stages_finite_and_vae_improves(tmp_path, tiny_cases):
     cfg = TrainingConfig(steps_vae=8, steps_unet=3, steps_controlnet=3, batch_vae=2, vae_patch_vox=16, lr_vae=3e-3)
     seen = []
@@ -186,6 +195,21 @@ def test_cli_models_train_tiny_end_to_end(tmp_path, capsys):
     assert pipe.config.name == "tiny" and pipe.scale_factor > 0
 
 
+def test_cli_models_train_batch_patch_and_checkpoint_flags_reach_the_run(tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["models", "train", "--preset", "tiny", "--out", str(out), "--steps-vae", "3", "--steps-unet", "1",
+               "--steps-controlnet", "1", "--phantom-cases", "2", "--device", "cpu", "--batch-vae", "3",
+               "--batch-unet", "2", "--batch-controlnet", "1", "--vae-patch-vox", "16", "--checkpoint-every", "2",
+               "--corpus-workers", "2", "--max-minutes", "30", "--anneal-to-budget"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((out / "model_index.json").read_text())["training"]["config"]
+    assert config["anneal_to_budget"] is True and config["max_minutes"] == 30
+    assert (config["batch_vae"], config["batch_unet"], config["batch_controlnet"]) == (3, 2, 1)
+    assert (config["vae_patch_vox"], config["checkpoint_every"]) == (16, 2)
+    rc = main(["models", "train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--vae-patch-vox", "0"])
+    assert rc == 2 and "TrainingConfig expects vae_patch_vox >= 1, but got vae_patch_vox=0." in capsys.readouterr().err
+
+
 def test_cli_models_train_fine_tunes_with_data_folder(tmp_path, tiny_pipe, capsys):
     tiny_pipe.save_pretrained(tmp_path / "base")
     _write_pairs(tmp_path / "data")
@@ -293,3 +317,13 @@ def test_roi_loss_weight_applies_to_every_stage(tmp_path, tiny_cases):
     train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=tmp_path / "m", checkpoint_dir=tmp_path / "ck", training=cfg)
     log = _log(tmp_path / "ck")
     assert len(log) == 6 and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_lr_decays_with_the_spent_time_budget_too():
+    from maisi_core.training_loop import _lr_factor
+
+    assert _lr_factor(0, 1000, 20) == pytest.approx(1 / 20)
+    assert _lr_factor(50, 1000, 20) > 0.99  # early by steps, no budget: near the peak
+    assert _lr_factor(50, 1000, 20, time_progress=1.0) == pytest.approx(0.1)  # budget spent: annealed
+    assert _lr_factor(50, 1000, 20, time_progress=0.5) == pytest.approx(0.55)
+    assert _lr_factor(990, 1000, 20, time_progress=0.1) < 0.11  # steps ahead of time: steps rule
