@@ -14,6 +14,7 @@
 # numpy, scipy, safetensors and tqdm only (no Prefect, no catalog), so it also runs under a bare CUDA image.
 # Results land in $OUT: the model directory as model.tar.gz.part-*, the loss log, the logs and the GPU rows.
 set -uo pipefail
+cd "$(dirname "$0")/.."   # the repository root: PYTHONPATH and benchmarks/gpu.py are relative to it
 OUT="${OUT:-/tmp/gpu_out}"
 TRAIN_MIN="${1:-5.5}"
 BENCH_S="${2:-150}"
