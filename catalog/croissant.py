@@ -4,10 +4,13 @@ and the Responsible-AI fields that say the data is synthetic and how it was gene
 from __future__ import annotations
 
 import csv
-import hashlib
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import fsspec
+
+from catalog.fs import sha256_and_size
 
 CROISSANT_CONTEXT: dict[str, Any] = {
     "@language": "en", "@vocab": "https://schema.org/", "sc": "https://schema.org/",
@@ -25,6 +28,7 @@ CROISSANT_CONTEXT: dict[str, Any] = {
 CONFORMS_TO = "http://mlcommons.org/croissant/1.0"
 SAMPLES_CSV = "samples.csv"
 NIFTI_GZ_FORMAT = "application/gzip"
+_LOCAL = fsspec.filesystem("file")
 
 # samples.csv columns and their Croissant data types.
 CSV_FIELDS: dict[str, str] = {
@@ -36,18 +40,10 @@ CSV_FIELDS: dict[str, str] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _file_object(folder: Path, relative: str, encoding: str) -> dict[str, Any]:
     path = folder / relative
     return {"@type": "cr:FileObject", "@id": relative, "name": relative, "contentUrl": relative,
-            "encodingFormat": encoding, "contentSize": f"{path.stat().st_size} B", "sha256": _sha256(path)}
+            "encodingFormat": encoding, "contentSize": f"{path.stat().st_size} B", "sha256": sha256_and_size(_LOCAL, str(path))[0]}
 
 
 def write_samples_csv(folder: Path, rows: list[dict[str, Any]]) -> Path:

@@ -16,6 +16,7 @@ import fsspec
 import numpy as np
 
 from catalog.fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
+from catalog.fs import sha256_and_size
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,8 @@ def fsspec_options(uri: str, storage_options: Mapping[str, str] | None) -> dict[
 
 def sha256_of(uri: str, options: Mapping[str, Any]) -> str:
     """Return the sha256 of an existing file."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with fsspec.open(uri, "rb", **dict(options)) as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    fs, path = fsspec.core.url_to_fs(uri, **dict(options))
+    return sha256_and_size(fs, path)[0]
 
 
 def publish_volume(save: SaveFn, uri: str, array: np.ndarray, affine: np.ndarray, *,
