@@ -8,6 +8,9 @@ CUDA. On any other device (CPU, meta) the builders switch ``norm_float16`` and t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
@@ -67,8 +70,62 @@ def build_unet(cfg: DiffusionUNetConfig, device: torch.device | str = "cpu") -> 
 
 
 def build_controlnet(cfg: ControlNetConfig, device: torch.device | str = "cpu") -> ControlNetMaisi:
-    """Build the ControlNet (mask (B, 8, X, Y, Z) → residuals for the UNet's skip connections)."""
-    return _build(ControlNetMaisi, cfg, device)
+    """Build the ControlNet (mask (B, 8, X, Y, Z) → residuals for the UNet's skip connections).
+
+    Its conditioning embedding can reuse its output inside :func:`reuse_controlnet_conditioning`.
+    """
+    controlnet = _build(ControlNetMaisi, cfg, device)
+    enable_conditioning_reuse(controlnet)
+    return controlnet
+
+
+# (id(embedding module), id(conditioning tensor)) -> (tensor, output, autocast dtype or None), per context
+_COND_CACHE: ContextVar[dict[tuple[int, int], tuple] | None] = ContextVar("controlnet_cond_cache", default=None)
+
+
+class _ReusedConditioningEmbedding:
+    """Mixin for MONAI's ControlNet conditioning embedding: inside :func:`reuse_controlnet_conditioning`
+    and without autograd, the same input tensor object is embedded once (the embedding runs at full image
+    resolution and does not depend on the timestep, so a denoising loop would redo it at every step)."""
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        cache = _COND_CACHE.get()
+        if cache is None or torch.is_grad_enabled():
+            return super().forward(conditioning)  # type: ignore[misc]
+        amp = torch.get_autocast_dtype(conditioning.device.type) if torch.is_autocast_enabled(
+            conditioning.device.type) else None
+        key = (id(self), id(conditioning))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is conditioning and hit[2] == amp:
+            return hit[1]
+        out = super().forward(conditioning)  # type: ignore[misc]
+        cache[key] = (conditioning, out, amp)  # holding the input keeps its id from being reused
+        return out
+
+
+def enable_conditioning_reuse(controlnet: torch.nn.Module) -> None:
+    """Let the ControlNet's conditioning embedding take part in :func:`reuse_controlnet_conditioning`.
+
+    The module's class becomes a subclass with a caching ``forward``; parameters and state-dict keys stay.
+    """
+    emb = controlnet.controlnet_cond_embedding
+    if not isinstance(emb, _ReusedConditioningEmbedding):
+        emb.__class__ = type(f"Reused{type(emb).__name__}", (_ReusedConditioningEmbedding, type(emb)), {})
+
+
+@contextmanager
+def reuse_controlnet_conditioning() -> Iterator[None]:
+    """Within this block (in this thread or task only), embed each ControlNet conditioning tensor once.
+
+    The caller promises not to modify a conditioning tensor in place inside the block; the cached
+    embeddings are dropped when it ends. Outside such a block, and whenever autograd is on, nothing is
+    cached.
+    """
+    token = _COND_CACHE.set({})
+    try:
+        yield
+    finally:
+        _COND_CACHE.reset(token)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

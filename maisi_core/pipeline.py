@@ -41,6 +41,8 @@ from maisi_core.networks import (
     build_controlnet,
     build_unet,
     build_vae,
+    enable_conditioning_reuse,
+    reuse_controlnet_conditioning,
     set_vae_norm_float16,
     set_vae_num_splits,
 )
@@ -161,6 +163,7 @@ class MaisiPipeline:
             )
         self.config = config
         self.vae, self.unet, self.controlnet = vae, unet, controlnet
+        enable_conditioning_reuse(controlnet)  # networks built elsewhere too: denoise embeds the mask once
         self.device = device
         self.precision = precision
         self.scheduler = build_scheduler(config.scheduler)
@@ -472,7 +475,8 @@ class MaisiPipeline:
         """Step 6: the denoising loop, ControlNet → UNet → scheduler, for each timestep."""
         x = latents
         total = len(plan)
-        with self._autocast():
+        # the mask's embedding does not change with the timestep: compute it once for the whole loop
+        with self._autocast(), reuse_controlnet_conditioning():
             for i, (t, t_next) in enumerate(zip(plan.timesteps, plan.next_timesteps, strict=True)):
                 out = self._velocity(x, t, control, cond)
                 if guidance_scale and uncond_cond is not None:

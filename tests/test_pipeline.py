@@ -204,3 +204,53 @@ def test_ddpm_body_region_model_paths_are_deterministic(label_map):
         pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), seed=0, num_inference_steps=2)
     with pytest.raises(ConfigError, match=r"expects no modality for a body-region model, but got modality=1"):
         pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, modality=1)
+
+
+def _count_embeddings(pipe):
+    calls = []
+    handle = pipe.controlnet.controlnet_cond_embedding.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_conditioning_is_embedded_once_per_generate_and_output_unchanged(tiny_pipe, label_map, monkeypatch):
+    import contextlib
+
+    import maisi_core.pipeline as pipeline_module
+
+    calls, handle = _count_embeddings(tiny_pipe)
+    try:
+        reused = tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3)
+        assert len(calls) == 1
+        calls.clear()
+        monkeypatch.setattr(pipeline_module, "reuse_controlnet_conditioning", contextlib.nullcontext)
+        plain = tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3)
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(reused.image_hu, plain.image_hu)
+
+
+def test_conditioning_reuse_only_inside_the_block_and_without_autograd(tiny_pipe):
+    from maisi_core.networks import reuse_controlnet_conditioning
+
+    emb = tiny_pipe.controlnet.controlnet_cond_embedding
+    calls, handle = _count_embeddings(tiny_pipe)
+    cond, other = torch.zeros(1, 8, 16, 16, 16), torch.ones(1, 8, 16, 16, 16)
+    try:
+        with torch.no_grad():
+            emb(cond), emb(cond)
+            assert len(calls) == 2  # outside the block: no caching
+            with reuse_controlnet_conditioning():
+                first = emb(cond)
+                assert emb(cond) is first and len(calls) == 3
+                assert emb(other) is not first and len(calls) == 4  # another tensor: its own entry
+                assert emb(cond) is first and len(calls) == 4
+            emb(cond)
+            assert len(calls) == 5  # the block's cache is gone
+        with reuse_controlnet_conditioning():
+            emb(cond), emb(cond)
+        assert len(calls) == 7  # autograd on (training): never cached
+    finally:
+        handle.remove()
+    assert set(tiny_pipe.controlnet.state_dict()) == set(
+        MaisiPipeline.from_config(presets.tiny(), device="cpu").controlnet.state_dict())
