@@ -180,6 +180,61 @@ def test_flow_generates_commits_and_reruns_without_duplicates(prefect_backend, t
     assert _files(tmp_path / "ds") == files
 
 
+@pytest.fixture
+def validate_calls(monkeypatch):
+    """Count the flow's calls of ``flows.validate.validate_dataset`` (the dataset metrics, about 10 s at 64 cases)."""
+    from flows import validate
+
+    calls: list[str | None] = []
+    real = validate.validate_dataset
+
+    def counting(cat, **kwargs):
+        calls.append(kwargs.get("spec_id"))
+        return real(cat, **kwargs)
+
+    monkeypatch.setattr(validate, "validate_dataset", counting)
+    return calls
+
+
+def test_flow_rerun_with_nothing_new_reuses_the_recorded_metrics(prefect_backend, tmp_path, validate_calls):
+    spec = _spec(tmp_path / "ds", **{"runtime: {batch_size: 1}": 'runtime: {batch_size: 1, generator: "sleep:0"}'})
+    first = run_generate(spec)
+    assert validate_calls == [plan_dataset(spec).spec_id] and first["metrics"]["metric_n_generated"] == 2
+
+    again = run_generate(spec)
+    assert (again["generated"], again["skipped"], again["datasets_version"]) == (0, 2, None)
+    assert len(validate_calls) == 1  # nothing committed since the dataset row: its metrics are reused
+    assert again["metrics"] == first["metrics"]
+    assert open_catalog(tmp_path / "ds").read_table("datasets").num_rows == 1
+    assert {"wall", "plan", "generate", "validate"} <= set(first["timings_s"])  # where the flow's time went
+
+
+def test_flow_run_settings_drop_the_heartbeat_only_for_the_ephemeral_api():
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.runtime import flow_run_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        with temporary_settings(restore_defaults={PREFECT_API_URL}), flow_run_settings():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+        with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), flow_run_settings():
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 60
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 60
+
+
+def test_flow_resume_after_the_last_commit_still_validates_and_records(prefect_backend, tmp_path, validate_calls):
+    """A run that crashed after committing every case but before its dataset row: the re-run completes it."""
+    spec = _spec(tmp_path / "ds", **{"runtime: {batch_size: 1}": 'runtime: {batch_size: 1, generator: "sleep:0"}'})
+    root = str(tmp_path / "ds")
+    records = [generate_case.fn(c, output_root=root, storage_options=None, generator="sleep:0", device="cpu",
+                                decode_preset=None, code_version="t") for c in plan_dataset(spec).cases]
+    commit_records.fn(records, output_root=root, storage_options=None, metadata={})
+    summary = run_generate(spec)
+    assert (summary["generated"], summary["skipped"], summary["n_passed"]) == (0, 2, 2)
+    assert len(validate_calls) == 1 and summary["metrics"]["metric_n_generated"] == 2
+    assert summary["datasets_version"] == 0
+
+
 def test_flow_qc_failure_recorded_not_published(prefect_backend, tmp_path):
     spec = _spec(tmp_path / "ds", **{"count: 2": "count: 1",
                                      "qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
