@@ -110,7 +110,7 @@ def compute_dataset_metrics(
     ``extractor`` names the metric columns: ``fd_radiomics*`` or ``fd_astra*``.
     """
     from maisi_core.intensity import synthesize_ct
-    from maisi_core.metrics import compute_frechet, diversity, memorization
+    from maisi_core.metrics import MemoizedExtractor, compute_frechet, diversity, memorization
 
     if len(generated) < MIN_CASES:
         raise ValidationInputError(
@@ -132,7 +132,7 @@ def compute_dataset_metrics(
             )
         half = len(ref_vols) // 2
         baseline = (ref_vols[:half], ref_vols[half:])
-    ext = build_extractor(extractor)
+    ext = MemoizedExtractor(build_extractor(extractor))  # the sets overlap: extract each volume once
     fd = compute_frechet(ref_vols, gen_vols, ext)
     fd_ref = compute_frechet(baseline[0], baseline[1], ext)
     gen_feats = ext.extract(gen_vols)

@@ -109,6 +109,42 @@ class FeatureExtractor(ABC):
         return np.stack(rows).astype(np.float64)
 
 
+class MemoizedExtractor(FeatureExtractor):
+    """Wrap an extractor and remember the features of every input it has seen, keyed by the input's bytes.
+
+    Several metrics over overlapping sets (a Fréchet distance, then diversity and memorisation on the same
+    volumes) then extract each slice stack or volume once. The memo lives as long as the wrapper.
+    """
+
+    def __init__(self, inner: FeatureExtractor) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.spatial_dims = inner.spatial_dims
+        self._memo: dict[tuple[str, str], np.ndarray] = {}
+
+    @property
+    def cache_key(self) -> str:
+        return self.inner.cache_key
+
+    def _remember(self, kind: str, array: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        a = np.ascontiguousarray(array)
+        digest = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
+        digest.update(a.data)
+        key = (kind, digest.hexdigest())
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = np.array(compute(array))
+            hit.setflags(write=False)  # shared between callers
+            self._memo[key] = hit
+        return hit
+
+    def extract_slices(self, slices: np.ndarray) -> np.ndarray:
+        return self._remember("slices", slices, self.inner.extract_slices)
+
+    def extract_volume(self, volume: np.ndarray) -> np.ndarray:
+        return self._remember("volume", volume, self.inner.extract_volume)
+
+
 def _check_volumes(volumes: Sequence[np.ndarray], who: str) -> list[np.ndarray]:
     vols = [np.asarray(v) for v in volumes]
     if not vols or any(v.ndim != 3 for v in vols):
@@ -286,6 +322,7 @@ class FrechetResult:
 
 
 def _label_of(extractor: FeatureExtractor) -> str:
+    extractor = getattr(extractor, "inner", extractor)  # MemoizedExtractor
     if isinstance(extractor, RadiomicsFeatureExtractor):
         return "FRD-style Fréchet distance (radiomics)"
     return f"Fréchet distance on {extractor.name} features"

@@ -303,3 +303,24 @@ def test_real_ct_fd_halves_are_closer_than_noise(real_ct):
     real_vs_real = m.compute_frechet(left, right).mean
     real_vs_noise = m.compute_frechet(left, noise).mean
     assert real_vs_noise > 10 * real_vs_real
+
+
+def test_memoized_extractor_gives_the_same_features_and_extracts_each_stack_once():
+    vols, more = make_set(3, seed=1), make_set(2, seed=10)
+    plain = m.RadiomicsFeatureExtractor()
+    calls = []
+
+    class Counting(m.RadiomicsFeatureExtractor):
+        def extract_slices(self, slices):
+            calls.append(slices.shape)
+            return super().extract_slices(slices)
+
+    memo = m.MemoizedExtractor(Counting())
+    fd = m.compute_frechet(vols, more, memo)
+    assert fd.mean == m.compute_frechet(vols, more, plain).mean and fd.label == "FRD-style Fréchet distance (radiomics)"
+    n_first = len(calls)
+    assert n_first == 3 * (len(vols) + len(more))  # one stack per volume and plane
+    np.testing.assert_array_equal(memo.extract(vols), plain.extract(vols))
+    m.compute_frechet(vols, vols, memo)
+    assert len(calls) == n_first  # every stack seen before: nothing extracted again
+    assert not memo.extract_slices(m.extract_plane_slices(vols[0], "axial")).flags.writeable
