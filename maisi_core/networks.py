@@ -20,6 +20,7 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
 )
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 
 from maisi_core.config import AutoencoderConfig, ControlNetConfig, DiffusionUNetConfig
 from maisi_core.errors import ConfigError
@@ -103,13 +104,22 @@ class _ReusedConditioningEmbedding:
         return out
 
 
+class ReusedControlNetConditioningEmbedding(_ReusedConditioningEmbedding, ControlNetConditioningEmbedding):
+    """MONAI's ControlNet conditioning embedding with the reuse of :func:`reuse_controlnet_conditioning`."""
+
+
 def enable_conditioning_reuse(controlnet: torch.nn.Module) -> None:
     """Let the ControlNet's conditioning embedding take part in :func:`reuse_controlnet_conditioning`.
 
-    The module's class becomes a subclass with a caching ``forward``; parameters and state-dict keys stay.
+    The module's class becomes a subclass with a caching ``forward`` (for MONAI's own embedding class an
+    importable one, so the network still pickles); parameters and state-dict keys stay.
     """
     emb = controlnet.controlnet_cond_embedding
-    if not isinstance(emb, _ReusedConditioningEmbedding):
+    if isinstance(emb, _ReusedConditioningEmbedding):
+        return
+    if type(emb) is ControlNetConditioningEmbedding:
+        emb.__class__ = ReusedControlNetConditioningEmbedding
+    else:  # another embedding class: a subclass made here (not picklable by name)
         emb.__class__ = type(f"Reused{type(emb).__name__}", (_ReusedConditioningEmbedding, type(emb)), {})
 
 

@@ -254,3 +254,12 @@ def test_conditioning_reuse_only_inside_the_block_and_without_autograd(tiny_pipe
         handle.remove()
     assert set(tiny_pipe.controlnet.state_dict()) == set(
         MaisiPipeline.from_config(presets.tiny(), device="cpu").controlnet.state_dict())
+
+
+def test_controlnet_with_conditioning_reuse_still_pickles(tiny_pipe):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tiny_pipe.controlnet))
+    assert type(copy.controlnet_cond_embedding) is type(tiny_pipe.controlnet.controlnet_cond_embedding)
+    assert torch.equal(copy.controlnet_cond_embedding.conv_in.conv.weight,
+                       tiny_pipe.controlnet.controlnet_cond_embedding.conv_in.conv.weight)
