@@ -41,9 +41,9 @@ CSV_FIELDS: dict[str, str] = {
 
 
 def _file_object(folder: Path, relative: str, encoding: str) -> dict[str, Any]:
-    path = folder / relative
+    sha256, size = sha256_and_size(_LOCAL, str(folder / relative))
     return {"@type": "cr:FileObject", "@id": relative, "name": relative, "contentUrl": relative,
-            "encodingFormat": encoding, "contentSize": f"{path.stat().st_size} B", "sha256": sha256_and_size(_LOCAL, str(path))[0]}
+            "encodingFormat": encoding, "contentSize": f"{size} B", "sha256": sha256}
 
 
 def write_samples_csv(folder: Path, rows: list[dict[str, Any]]) -> Path:

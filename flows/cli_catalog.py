@@ -15,19 +15,14 @@ from catalog.export import EXPORT_FORMATS, export_dataset
 from catalog.query import OUTPUT_FORMATS, QC_CHOICES, format_result, sample_filter, write_result
 from catalog.store import Catalog, open_catalog
 from catalog.verify import verify_catalog
+from flows.cli import parse_storage_options
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 
 
-def _storage_options(pairs: list[str] | None) -> dict[str, str]:
-    from flows.cli import parse_storage_options
-
-    return parse_storage_options(pairs)
-
-
 def _open(args: argparse.Namespace) -> Catalog:
-    return open_catalog(args.root, storage_options=_storage_options(args.storage_option))
+    return open_catalog(args.root, storage_options=parse_storage_options(args.storage_option))
 
 
 def _add_root(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from flows.cli import parse_storage_options
 from flows.errors import FlowsError
 
 EXIT_OK = 0
@@ -30,12 +31,6 @@ def _prefect_env(verbose: bool) -> None:
         os.environ.setdefault(key, value)
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, str]:
-    from flows.cli import parse_storage_options
-
-    return parse_storage_options(pairs)
 
 
 def _bad(command: str, exc: Exception) -> int:
@@ -113,7 +108,7 @@ def run_run(args: argparse.Namespace) -> int:
     from flows.spec import load_spec
 
     try:
-        options = _storage_options(args.storage_option)
+        options = parse_storage_options(args.storage_option)
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
             batch_size=args.batch_size, max_workers=args.max_workers)
@@ -156,7 +151,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from flows.spec import load_spec
 
     try:
-        options = _storage_options(args.storage_option)
+        options = parse_storage_options(args.storage_option)
         spec = load_spec(args.spec)
         if not os.environ.get("PREFECT_API_URL"):
             raise DeploymentError("submit expects PREFECT_API_URL to point at the Prefect server that "

@@ -33,12 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maisi_core import labels
-from maisi_core.config import (
-    AutoencoderConfig,
-    ControlNetConfig,
-    DiffusionUNetConfig,
-    PipelineConfig,
-)
+from maisi_core.config import PipelineConfig
 from maisi_core.errors import UnsafeCheckpointError, WeightsError, WeightsNotFoundError
 from maisi_core.networks import build_controlnet, build_unet, build_vae
 
@@ -48,7 +43,6 @@ FORMAT_VERSION = 1
 INDEX_NAME = "model_index.json"
 WEIGHTS_NAME = "model.safetensors"
 COMPONENTS = ("vae", "unet", "controlnet")
-_CONFIG_TYPES = {"vae": AutoencoderConfig, "unet": DiffusionUNetConfig, "controlnet": ControlNetConfig}
 _BUILDERS = {"vae": build_vae, "unet": build_unet, "controlnet": build_controlnet}
 
 
