@@ -71,13 +71,8 @@ def build_unet(cfg: DiffusionUNetConfig, device: torch.device | str = "cpu") -> 
 
 
 def build_controlnet(cfg: ControlNetConfig, device: torch.device | str = "cpu") -> ControlNetMaisi:
-    """Build the ControlNet (mask (B, 8, X, Y, Z) → residuals for the UNet's skip connections).
-
-    Its conditioning embedding can reuse its output inside :func:`reuse_controlnet_conditioning`.
-    """
-    controlnet = _build(ControlNetMaisi, cfg, device)
-    enable_conditioning_reuse(controlnet)
-    return controlnet
+    """Build the ControlNet (mask (B, 8, X, Y, Z) → residuals for the UNet's skip connections)."""
+    return _build(ControlNetMaisi, cfg, device)
 
 
 # (id(embedding module), id(conditioning tensor)) -> (tensor, output, autocast dtype or None), per context

@@ -163,15 +163,15 @@ class MaisiPipeline:
             )
         self.config = config
         self.vae, self.unet, self.controlnet = vae, unet, controlnet
-        enable_conditioning_reuse(controlnet)  # networks built elsewhere too: denoise embeds the mask once
+        enable_conditioning_reuse(controlnet)  # denoise embeds the mask once per loop
         self.device = device
         self.precision = precision
         self.scheduler = build_scheduler(config.scheduler)
         self.scale_factor = float(config.scale_factor if scale_factor is None else scale_factor)
         self.model_digest = model_digest
         self.decode_preset = decode_preset
-        if decode_preset is not None and device.type != "meta":
-            set_vae_num_splits(self.vae, decode_preset.num_splits)
+        if device.type != "meta":  # networks shared with another pipeline may carry its split count
+            set_vae_num_splits(self.vae, decode_preset.num_splits if decode_preset else config.vae.num_splits)
         # fp16 group-norm outputs (the released setting) only work under CUDA autocast
         set_vae_norm_float16(self.vae, config.vae.norm_float16 and device.type == "cuda" and precision != "fp32")
 

@@ -73,7 +73,7 @@ def default() -> PipelineConfig:
     resblock up/down, fc attention projections). The ControlNet's conditioning embedding is
     (8, 16, 32), two stride-2 convs (×4). Rectified flow with MAISI-v2's timestep shift, 25 steps.
     Geometry: sizes divisible by 16, spacing 2-10 mm, field of view >= 256 mm. 4.2 M parameters
-    (17 MB in fp32); generation takes ~8 s per case on one CPU thread (the UNet and ControlNet stay
+    (17 MB in fp32); generation takes ~3.5 s per case on one CPU thread (the UNet and ControlNet stay
     small because they run 25 times per case; the VAE decodes once).
     """
     return PipelineConfig(

@@ -263,3 +263,16 @@ def test_controlnet_with_conditioning_reuse_still_pickles(tiny_pipe):
     assert type(copy.controlnet_cond_embedding) is type(tiny_pipe.controlnet.controlnet_cond_embedding)
     assert torch.equal(copy.controlnet_cond_embedding.conv_in.conv.weight,
                        tiny_pipe.controlnet.controlnet_cond_embedding.conv_in.conv.weight)
+
+
+def test_pipeline_sharing_networks_sets_its_own_vae_split_count():
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+
+    from maisi_core.decoding import get_decode_preset
+
+    first = MaisiPipeline.from_config(presets.tiny(), device="cpu", decode_preset="24g")
+    splits = {m.num_splits for m in first.vae.modules() if isinstance(m, MaisiConvolution)}
+    assert splits == {get_decode_preset("24g").num_splits}
+    second = MaisiPipeline(first.config, first.vae, first.unet, first.controlnet, device=first.device)
+    splits = {m.num_splits for m in second.vae.modules() if isinstance(m, MaisiConvolution)}
+    assert splits == {first.config.vae.num_splits}
