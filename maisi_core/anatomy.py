@@ -1,6 +1,6 @@
 """The phantom's anatomy: shape primitives on a voxel canvas and the adult body drawn with them.
 
-Everything is given in a *body frame* in mm: ``x`` to the patient's left, ``y`` anterior and
+Everything is given in a *body frame* in mm: ``x`` to the patient's right, ``y`` anterior and
 ``depth`` downwards from the vertex of the head (an unscaled adult of about 1.75 m). The canvas
 holds, per array axis, the body-frame coordinate of every voxel centre, so each shape is evaluated
 only inside its bounding box. Per-seed variation comes from :func:`derive_rng` streams named after
@@ -256,10 +256,10 @@ def draw_body(canvas: Canvas, seed: int) -> None:
 
 
 def draw_lungs(canvas: Canvas, seed: int) -> None:
-    """Paint the five lobes: left upper/lower (28/29) at +x, right upper/middle/lower (30/31/32) at -x."""
-    for side, name in ((1.0, "left lung"), (-1.0, "right lung")):
+    """Paint the five lobes: left upper/lower (28/29) at -x, right upper/middle/lower (30/31/32) at +x."""
+    for side, name in ((-1.0, "left lung"), (1.0, "right lung")):
         j = Jitter.draw(seed, name, scale=0.08, rot_deg=3.0, ripple=(0.03, 0.08))
-        center = (side * 70.0, -8.0, 418.0 if side > 0 else 408.0)
+        center = (side * 70.0, -8.0, 418.0 if side < 0 else 408.0)
         box, mask = blob(canvas, center, (68.0, 95.0, 150.0), j)
         if box is None:
             continue
@@ -269,7 +269,7 @@ def draw_lungs(canvas: Canvas, seed: int) -> None:
         fis = derive_rng(seed, name + " fissures")
         oblique = 445.0 + fis.normal(0, 8) + (0.9 + fis.normal(0, 0.1)) * (y + 10.0)
         upper = mask & (d < oblique)
-        if side > 0:
+        if side < 0:
             canvas.paint(box, upper, 28)
             canvas.paint(box, mask & ~upper, 29)
         else:
@@ -283,27 +283,28 @@ def draw_abdomen(canvas: Canvas, seed: int) -> None:
     """Paint small bowel, colon, stomach, liver, gallbladder, spleen, pancreas, kidneys, IVC."""
     j = lambda name, **kw: Jitter.draw(seed, name, **kw)  # noqa: E731
     paint_blob(canvas, 19, (0.0, 35.0, 705.0), (72.0, 45.0, 62.0), j("small bowel"))
-    colon = [(-75, 15, 770), (-85, 10, 690), (-78, 18, 640), (-30, 60, 665), (20, 62, 670), (80, 12, 605),
-             (92, 0, 650), (90, 2, 730), (80, 10, 790), (40, 30, 825), (0, 10, 850), (0, -55, 885), (0, -62, 935)]
+    # ascending colon (patient right, +x), transverse, descending (left, -x), sigmoid, rectum
+    colon = [(75, 15, 770), (85, 10, 690), (78, 18, 640), (30, 60, 665), (-20, 62, 670), (-80, 12, 605),
+             (-92, 0, 650), (-90, 2, 730), (-80, 10, 790), (-40, 30, 825), (0, 10, 850), (0, -55, 885), (0, -62, 935)]
     jc = j("colon", offset_mm=5.0)
     radii = 19.0 * jc.scale[0] + 3.0 * np.sin(np.arange(len(colon)) * 1.7 + jc.ripple_phase[0])
     paint_tube(canvas, 62, colon, radii, offset=jc.offset)
-    paint_blob(canvas, 12, (48.0, 22.0, 565.0), (42.0, 36.0, 70.0), j("stomach"), rot_deg=(0, -25, 0))
+    paint_blob(canvas, 12, (-48.0, 22.0, 565.0), (42.0, 36.0, 70.0), j("stomach"), rot_deg=(0, 25, 0))
     jl = j("liver", scale=0.1)
-    paint_blob(canvas, 1, (-62.0, -2.0, 572.0), (80.0, 88.0, 80.0), jl, power=2.4)
+    paint_blob(canvas, 1, (62.0, -2.0, 572.0), (80.0, 88.0, 80.0), jl, power=2.4)
     jl2 = Jitter(jl.offset, jl.scale, jl.rot_deg, jl.ripple_amp, jl.ripple_k[::-1], jl.ripple_phase)
-    paint_blob(canvas, 1, (8.0, 40.0, 545.0), (60.0, 35.0, 38.0), jl2, rot_deg=(0, 0, 10))
-    paint_blob(canvas, 10, (-48.0, 42.0, 615.0), (14.0, 14.0, 30.0), j("gallbladder"), rot_deg=(20, 10, 0))
-    paint_blob(canvas, 3, (92.0, -48.0, 565.0), (24.0, 52.0, 55.0), j("spleen"), rot_deg=(0, 0, -35))
+    paint_blob(canvas, 1, (-8.0, 40.0, 545.0), (60.0, 35.0, 38.0), jl2, rot_deg=(0, 0, -10))
+    paint_blob(canvas, 10, (48.0, 42.0, 615.0), (14.0, 14.0, 30.0), j("gallbladder"), rot_deg=(20, -10, 0))
+    paint_blob(canvas, 3, (-92.0, -48.0, 565.0), (24.0, 52.0, 55.0), j("spleen"), rot_deg=(0, 0, 35))
     jp = j("pancreas", offset_mm=3.0)
-    pancreas = [(-22, 12, 635), (5, 15, 620), (45, 0, 605), (80, -25, 590)]
+    pancreas = [(22, 12, 635), (-5, 15, 620), (-45, 0, 605), (-80, -25, 590)]  # head (right) to tail (left)
     paint_tube(canvas, 4, pancreas, np.array([17.0, 13.0, 11.0, 10.0]) * jp.scale[0], offset=jp.offset)
-    for side, label in ((-1.0, 5), (1.0, 14)):
-        depth = 650.0 if side < 0 else 632.0
+    for side, label in ((1.0, 5), (-1.0, 14)):  # the right kidney (5) sits lower, under the liver
+        depth = 650.0 if side > 0 else 632.0
         paint_blob(canvas, label, (side * 72.0, -40.0, depth), (28.0, 25.0, 55.0),
-                   j("right kidney" if side < 0 else "left kidney"), rot_deg=(0, side * -12.0, side * 20.0))
+                   j("right kidney" if side > 0 else "left kidney"), rot_deg=(0, side * -12.0, side * 20.0))
     ji = j("inferior vena cava", offset_mm=2.0)
-    ivc = [(-22, spine_at(dd)[0] + spine_at(dd)[2] + 14, dd) for dd in (470.0, 560.0, 650.0, 720.0)]
+    ivc = [(22, spine_at(dd)[0] + spine_at(dd)[2] + 14, dd) for dd in (470.0, 560.0, 650.0, 720.0)]
     paint_tube(canvas, 7, ivc, 11.0 * ji.scale[0], offset=ji.offset)
 
 
@@ -314,17 +315,17 @@ def draw_pelvic_organs(canvas: Canvas, seed: int) -> None:
 
 def draw_mediastinum(canvas: Canvas, seed: int) -> None:
     """Paint heart (115), aorta (6), esophagus (11), trachea (57) and main bronchi (airway 132)."""
-    paint_blob(canvas, 115, (22.0, 28.0, 445.0), (58.0, 46.0, 58.0), Jitter.draw(seed, "heart"),
-               rot_deg=(-15, 10, 25))
+    paint_blob(canvas, 115, (-22.0, 28.0, 445.0), (58.0, 46.0, 58.0), Jitter.draw(seed, "heart"),
+               rot_deg=(-15, -10, -25))
     ja = Jitter.draw(seed, "aorta", offset_mm=3.0)
-    aorta = [(5.0, 20.0, 430.0), (3.0, 22.0, 385.0), (4.0, 8.0, 348.0), (12.0, -18.0, 352.0)]
+    aorta = [(-5.0, 20.0, 430.0), (-3.0, 22.0, 385.0), (-4.0, 8.0, 348.0), (-12.0, -18.0, 352.0)]  # arch to the left
     for dd in (390.0, 460.0, 540.0, 620.0, 700.0):
         yv, _, ay = spine_at(dd)
-        aorta.append((18.0 - 13.0 * (dd - 390.0) / 310.0, yv + ay + 13.0, dd))
+        aorta.append((-18.0 + 13.0 * (dd - 390.0) / 310.0, yv + ay + 13.0, dd))
     paint_tube(canvas, 6, aorta, np.linspace(14.0, 10.0, len(aorta)) * ja.scale[0], offset=ja.offset)
     je = Jitter.draw(seed, "esophagus", offset_mm=2.0)
     eso = [(0.0, spine_at(dd)[0] + spine_at(dd)[2] + 9.0, dd) for dd in (200.0, 300.0, 400.0, 480.0)]
-    paint_tube(canvas, 11, eso + [(30.0, 12.0, 530.0)], 7.0, offset=je.offset)
+    paint_tube(canvas, 11, eso + [(-30.0, 12.0, 530.0)], 7.0, offset=je.offset)
     jt = Jitter.draw(seed, "trachea", offset_mm=2.0)
     carina = (0.0, spine_at(385.0)[0] + spine_at(385.0)[2] + 30.0, 385.0)
     paint_tube(canvas, 57, [(0.0, 35.0, 195.0), (0.0, 12.0, 290.0), carina], 9.0 * jt.scale[0], offset=jt.offset)
@@ -372,7 +373,7 @@ def draw_spine(canvas: Canvas, seed: int) -> None:
 
 
 def draw_ribs(canvas: Canvas, seed: int) -> None:
-    """Paint twelve rib pairs (left 63-74 at +x, right 75-86 at -x) and the sternum (122)."""
+    """Paint twelve rib pairs (left 63-74 at -x, right 75-86 at +x) and the sternum (122)."""
     rng = derive_rng(seed, "ribs")
     levels = [lv for lv in vertebra_levels() if 38 <= lv[0] <= 49]  # T1 ... T12
     for n, (_, top, bottom) in enumerate(levels):
@@ -380,7 +381,7 @@ def draw_ribs(canvas: Canvas, seed: int) -> None:
         drop *= rng.uniform(0.9, 1.1)
         mid = 0.5 * (top + bottom)
         yv, ax, _ = spine_at(mid)
-        for side, first in ((1.0, 63), (-1.0, 75)):
+        for side, first in ((-1.0, 63), (1.0, 75)):
             pts = [(side * (ax + 8.0), yv, mid)]
             for phi in np.linspace(0.45, phi_end, 9):
                 dd = mid + drop * ((phi - 0.45) / (phi_end - 0.45)) ** 1.3
@@ -394,9 +395,9 @@ def draw_ribs(canvas: Canvas, seed: int) -> None:
 
 
 def draw_pelvic_bones(canvas: Canvas, seed: int) -> None:
-    """Paint the hips (left 95 at +x, right 96 at -x) and femurs (left 93, right 94)."""
-    for side, hip, femur in ((1.0, 95, 93), (-1.0, 96, 94)):
-        name = "left" if side > 0 else "right"
+    """Paint the hips (left 95 at -x, right 96 at +x) and femurs (left 93, right 94)."""
+    for side, hip, femur in ((-1.0, 95, 93), (1.0, 96, 94)):
+        name = "left" if side < 0 else "right"
         jh = Jitter.draw(seed, name + " hip", scale=0.06, rot_deg=4.0, ripple=(0.03, 0.07))
         paint_blob(canvas, hip, (side * 88.0, -30.0, 775.0), (14.0, 62.0, 58.0), jh, rot_deg=(0, side * 15, side * 40))
         acetabulum = np.array([side * 90.0, 8.0, 865.0]) + jh.offset

@@ -2,16 +2,17 @@
 
 The phantom is the factory's training corpus and its default mask source. Every structure is a
 superquadric, ellipsoid or tube whose size and place are given in millimetres in a *body frame*
-(``x`` to the patient's left, ``y`` anterior, ``depth`` downwards from the vertex of the head), so
+(``x`` to the patient's right, ``y`` anterior, ``depth`` downwards from the vertex of the head), so
 any ``output_size_vox`` and ``spacing_mm`` work: the volume covers a field of view and the organs
 that fall into it appear. Each seed draws a patient scale, per-organ offsets, sizes, small
 rotations and a low-frequency surface ripple, so shapes vary smoothly between seeds and the same
 seed gives the same voxels. The random draws do not depend on the grid, so one seed at 2 mm and at
 4 mm describes the same patient.
 
-World coordinates are RAS+ (``+x`` patient left, ``+y`` anterior, ``+z`` superior) with a diagonal,
-positive affine centred on the volume; the liver (patient right) therefore sits at low ``x``
-indices and the spleen at high ones.
+World coordinates are RAS+ as NIfTI defines them (``+x`` towards the patient's right, ``+y``
+anterior, ``+z`` superior), with a diagonal, positive affine centred on the volume: the liver
+(patient's right) sits at high ``x`` indices and the spleen (patient's left) at low ones. A viewer
+in radiological convention (Slicer, ITK-SNAP) shows the liver on the left of the screen.
 """
 
 from __future__ import annotations

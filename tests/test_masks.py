@@ -40,10 +40,10 @@ def _write_nifti(path, array, affine):
 
 
 def _ts_volume():
-    """A 20x16x12 TotalSegmentator-style map: liver (5) at low x, spleen (1) at high x, 2 mm, RAS."""
+    """A 20x16x12 TotalSegmentator-style map, 2 mm, RAS: liver (5) at high x (patient right), spleen (1) low."""
     arr = np.zeros((20, 16, 12), np.uint8)
-    arr[2:8, 4:12, 3:9] = 5  # liver
-    arr[13:17, 5:10, 4:8] = 1  # spleen
+    arr[12:18, 4:12, 3:9] = 5  # liver
+    arr[3:7, 5:10, 4:8] = 1  # spleen
     arr[9:11, 2:4, :] = 27  # vertebrae_L5
     return arr, np.diag([2.0, 2.0, 2.0, 1.0])
 
@@ -101,10 +101,34 @@ def test_load_user_mask_remaps_totalsegmentator_and_adds_body(tmp_path):
 
 def test_load_user_mask_reorients_to_ras(tmp_path):
     arr, _ = _ts_volume()
-    las = np.diag([-2.0, 2.0, 2.0, 1.0])  # array x runs to the patient's right
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])  # LAS: the array's x index runs to the patient's left
     path = _write_nifti(tmp_path / "las.nii.gz", arr[::-1], las)
     out, _ = load_user_mask(path, spacing_mm=(2.0,) * 3, output_size_vox=(20, 16, 12), mapping="totalsegmentator")
-    assert np.array_equal(out == 1, arr == 5)  # liver back at low x
+    assert np.array_equal(out == 1, arr == 5)  # liver back at high x
+
+
+def _world_x(label_map, affine, ids) -> float:
+    idx = np.argwhere(np.isin(label_map, ids)).mean(axis=0)
+    return float((np.asarray(affine)[:3, :3] @ idx + np.asarray(affine)[:3, 3])[0])
+
+
+@pytest.mark.parametrize("axcodes", [("L", "P", "S"), ("R", "A", "S"), ("L", "A", "I"), ("A", "R", "S")])
+def test_load_user_mask_keeps_the_liver_on_the_patients_right(tmp_path, axcodes):
+    """A label map stored in LPS (DICOM-style) or any other axis order keeps its anatomy after remapping."""
+    case = generate_phantom(PhantomConfig(regions="abdomen", output_size_vox=(40, 40, 24), spacing_mm=(8.0,) * 3),
+                            seed=4)
+    ras = nib.Nifti1Image(case.label_map, case.affine)
+    target = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                             nib.orientations.axcodes2ornt(axcodes))
+    stored = ras.as_reoriented(target)
+    assert nib.aff2axcodes(stored.affine) == axcodes
+    path = tmp_path / f"{''.join(axcodes)}.nii.gz"
+    nib.save(stored, str(path))
+    out, out_affine = load_user_mask(path, spacing_mm=(8.0,) * 3, output_size_vox=(40, 40, 24), mapping="maisi")
+    assert nib.aff2axcodes(out_affine) == ("R", "A", "S")
+    assert _world_x(out, out_affine, [1]) > _world_x(out, out_affine, [3]) + 60.0  # liver right of spleen
+    assert _world_x(out, out_affine, [5]) > _world_x(out, out_affine, [14])  # right kidney right of left
+    assert np.array_equal(out, case.label_map)
 
 
 def test_load_user_mask_unmapped_labels(tmp_path):

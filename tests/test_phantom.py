@@ -31,10 +31,6 @@ def _qc_ranges() -> dict[str, tuple[float, float]]:
     return out
 
 
-def _centroid_x(label_map: np.ndarray, ids) -> float:
-    return float(np.argwhere(np.isin(label_map, ids))[:, 0].mean())
-
-
 @pytest.fixture(scope="module")
 def trunk_case():
     return generate_phantom(PhantomConfig(regions=("chest", "abdomen")), seed=7)
@@ -76,14 +72,58 @@ def test_generate_phantom_region_holds_its_organs(region, expected):
     assert region in labels.regions_in_label_map(case.label_map)
 
 
-def test_generate_phantom_left_right_follow_ras(trunk_case):
+def _world_x(case, ids) -> float | None:
+    """World x (mm, RAS+: larger is further to the patient's right) of the centroid of some labels."""
+    idx = np.argwhere(np.isin(case.label_map, ids))
+    if idx.size == 0:
+        return None
+    return float((case.affine[:3, :3] @ idx.mean(axis=0) + case.affine[:3, 3])[0])
+
+
+# (name, right-side IDs, left-side IDs): RAS+ puts the patient's right at larger world x.
+LATERAL_PAIRS = [
+    ("liver vs spleen", (1,), (3,)),
+    ("lungs", LUNG_RIGHT, LUNG_LEFT),
+    ("kidneys", (5,), (14,)),
+    ("ribs", tuple(range(75, 87)), tuple(range(63, 75))),
+    ("femurs", (94,), (93,)),
+    ("hips", (96,), (95,)),
+]
+REGION_COMBINATIONS = [
+    ("head_neck",), ("chest",), ("abdomen",), ("lower",), ("head_neck", "chest"), ("chest", "abdomen"),
+    ("abdomen", "lower"), ("chest", "abdomen", "lower"), ("head_neck", "lower"),
+]
+
+
+@pytest.mark.parametrize("regions", REGION_COMBINATIONS, ids=lambda r: "+".join(r))
+def test_generate_phantom_left_right_follow_ras(regions):
+    """NIfTI's RAS+: +x is the patient's right, so right-sided organs lie at larger world x."""
+    import nibabel as nib
+
+    case = generate_phantom(PhantomConfig(regions=regions, output_size_vox=(64, 64, 64), spacing_mm=(6.0,) * 3),
+                            seed=5)
+    assert nib.aff2axcodes(case.affine) == ("R", "A", "S")
+    checked = 0
+    for name, right, left in LATERAL_PAIRS:
+        xr, xl = _world_x(case, right), _world_x(case, left)
+        if xr is None or xl is None:
+            continue
+        checked += 1
+        assert xr > xl + 20.0, f"{name}: right x={xr:.0f} mm, left x={xl:.0f} mm"
+    body_x = _world_x(case, [labels.BODY_ID] + list(range(1, 133)))
+    heart_x = _world_x(case, [115])
+    if heart_x is not None:
+        assert heart_x < body_x, f"heart x={heart_x:.0f} mm is not left of the body's midline x={body_x:.0f} mm"
+    liver_x = _world_x(case, [1])
+    if liver_x is not None:
+        assert liver_x > body_x + 30.0
+    assert checked >= 1 or regions == ("head_neck",)
+
+
+def test_generate_phantom_axes_are_anterior_and_superior(trunk_case):
     lab = trunk_case.label_map
     assert np.all(np.diag(trunk_case.affine)[:3] > 0)
     assert np.count_nonzero(trunk_case.affine[:3, :3] - np.diag(np.diag(trunk_case.affine)[:3])) == 0
-    assert _centroid_x(lab, [1]) < _centroid_x(lab, [3])  # liver (patient right) at low x, spleen high
-    assert _centroid_x(lab, LUNG_LEFT) > _centroid_x(lab, LUNG_RIGHT)
-    assert _centroid_x(lab, [14]) > _centroid_x(lab, [5])  # left kidney at high x
-    assert _centroid_x(lab, list(range(63, 75))) > _centroid_x(lab, list(range(75, 87)))
     # +y anterior: heart in front of the spine; +z superior: lungs above the liver.
     spine = np.argwhere(np.isin(lab, range(38, 50)))
     heart = np.argwhere(lab == 115)
