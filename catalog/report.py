@@ -106,6 +106,17 @@ def _preview(catalog: Catalog, row: dict[str, Any]) -> str:
     return f"<figure>{_img(buffer.getvalue(), caption)}<figcaption>{_esc(caption)}</figcaption></figure>"
 
 
+def preview_rows(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Return up to ``limit`` rows to preview, taking each cohort's cases in turn (so every cohort shows)."""
+    by_cohort: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: r["sample_id"]):
+        by_cohort.setdefault(str(row.get("cohort")), []).append(row)
+    out: list[dict[str, Any]] = []
+    for k in range(max((len(v) for v in by_cohort.values()), default=0)):
+        out += [cases[k] for cases in by_cohort.values() if k < len(cases)]
+    return out[:limit]
+
+
 def _cohort_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     out = []
     for cohort in sorted({r["cohort"] or "" for r in rows}):
@@ -172,7 +183,7 @@ def _qc_section(rows: list[dict[str, Any]]) -> str:
     return "<h2>Quality checks</h2>" + body
 
 
-def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_previews: int = 3) -> str:
+def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_previews: int = 4) -> str:
     """Return the dataset card of ``catalog`` at ``samples`` version ``as_of`` as HTML text.
 
     Raises:
@@ -207,13 +218,16 @@ def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_preview
     parts.append(_table(["dataset version", "metric", "value"], metric_rows) if metric_rows
                  else '<p class="note">No dataset-level metrics recorded.</p>')
     parts.append("<h2>Previews</h2>")
-    parts += [_preview(catalog, r) for r in sorted(passing, key=lambda r: r["sample_id"])[:max_previews]]
+    parts.append('<p class="note">Radiological display: the patient\'s right on the viewer\'s left (axial, '
+                 'coronal), anterior on the left (sagittal). The slices go through the tumour in cases that '
+                 'have one.</p>')
+    parts += [_preview(catalog, r) for r in preview_rows(passing, max_previews)]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
-def write_report(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, max_previews: int = 3) -> Path:
+def write_report(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, max_previews: int = 4) -> Path:
     """Write the HTML dataset card to ``dest`` (replacing an older card) and return its path.
 
     Raises:

@@ -137,5 +137,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_root(report)
     report.add_argument("--version", type=int, metavar="N", help="samples table version (default: latest)")
     report.add_argument("--dest", required=True, metavar="FILE.html")
-    report.add_argument("--previews", type=int, default=3, metavar="K", help="number of preview cases")
+    report.add_argument("--previews", type=int, default=4, metavar="K", help="number of preview cases")
     report.set_defaults(func=run_report)

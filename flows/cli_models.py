@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cubic VAE training patch edge (default 32; the case size trains on whole volumes)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
     p.add_argument("--roi-loss-weight", type=float, default=1.0, help="loss weight of organ/tumour latent voxels")
+    for stage, lr in (("vae", 1e-3), ("unet", 5e-4), ("controlnet", 3e-4)):
+        p.add_argument(f"--lr-{stage}", type=float, default=None, help=f"peak learning rate of the {stage} (default {lr:g})")
+    p.add_argument("--tumor-loss-weight", type=float, default=1.0,
+                   help="extra loss weight of tumour (latent) voxels, times --roi-loss-weight (upstream: 100)")
+    p.add_argument("--tumor-probability", type=float, default=0.3,
+                   help="share of phantom corpus cases that get a tumour (without --data)")
     p.add_argument("--vae-decoder-only", action="store_true",
                    help="train only the VAE decoder (keeps the latent space of a trained model)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for all stages")
@@ -120,7 +126,8 @@ def _train_corpus(args: argparse.Namespace, config):
         return cases, f"NIfTI pairs from {args.data} ({len(cases)} cases, {size} at {spacing:g} mm)"
     corpus = PhantomCorpusConfig(num_cases=args.phantom_cases, output_size_vox=size,
                                  spacing_xy_mm=(0.83 * spacing, 1.17 * spacing),
-                                 spacing_z_mm=(0.83 * spacing, 1.17 * spacing))
+                                 spacing_z_mm=(0.83 * spacing, 1.17 * spacing),
+                                 tumor_probability=args.tumor_probability)
     cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range_hu,
                                     workers=args.corpus_workers)
     return cases, f"procedural phantom + intensity model ({len(cases)} cases, {size}, seed {args.seed})"
@@ -139,9 +146,11 @@ def _train(args: argparse.Namespace) -> int:
     training = TrainingConfig(
         stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         steps_vae=args.steps_vae, steps_unet=args.steps_unet, steps_controlnet=args.steps_controlnet,
-        roi_loss_weight=args.roi_loss_weight, vae_decoder_only=args.vae_decoder_only,
+        roi_loss_weight=args.roi_loss_weight, tumor_loss_weight=args.tumor_loss_weight,
+        vae_decoder_only=args.vae_decoder_only,
         max_minutes=args.max_minutes, anneal_to_budget=args.anneal_to_budget, seed=args.seed,
-        **{name: value for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every")
+        **{name: value for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every",
+                                  "lr_vae", "lr_unet", "lr_controlnet")
            if (value := getattr(args, name)) is not None},
     )
     if args.from_model is not None:

@@ -19,7 +19,7 @@ import logging
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +29,7 @@ import fsspec
 import nibabel as nib
 import numpy as np
 
+from maisi_core import labels
 from maisi_core.errors import (
     AffineError,
     ImageError,
@@ -210,21 +211,71 @@ def load_label(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | N
     return LabelVolume(array=array, affine=_affine_of(img))
 
 
+def preview_center_vox(label_map: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    """Return the voxel the preview slices go through: a tumour's centre when the map has one, else the middle.
+
+    The tumour voxel nearest the centroid of all tumour voxels is used, so the three slices cut the lesion.
+    """
+    if label_map is not None:
+        tumor = np.isin(np.asarray(label_map), labels.TUMOR_IDS)
+        if tumor.any():
+            idx = np.argwhere(tumor)
+            nearest = idx[np.argmin(((idx - idx.mean(axis=0)) ** 2).sum(axis=1))]
+            return tuple(int(v) for v in nearest)  # type: ignore[return-value]
+    return tuple(int(s) // 2 for s in shape)  # type: ignore[return-value]
+
+
+# Radiological display: axial seen from the feet, anterior up and the patient's right on the viewer's left;
+# coronal seen from the front, head up, right on the left; sagittal head up, anterior on the left.
+# Each view: (title, axis held fixed, horizontal array axis, vertical array axis, edge letters (left, right,
+# bottom, top)) for arrays in RAS axis order; the horizontal axis is always shown decreasing (R, then A, first).
+_VIEWS = (
+    ("axial", 2, 0, 1, ("R", "L", "P", "A")),
+    ("coronal", 1, 0, 2, ("R", "L", "I", "S")),
+    ("sagittal", 0, 1, 2, ("A", "P", "I", "S")),
+)
+
+
+def radiological_slices(volume: np.ndarray, center_vox: Sequence[int]) -> dict[str, np.ndarray]:
+    """Return the axial, coronal and sagittal slices through a voxel as displayed by a radiologist.
+
+    Args:
+        volume: ``(X, Y, Z)`` in RAS axis order.
+        center_vox: the voxel ``(i, j, k)`` the slices go through.
+
+    Returns:
+        view name -> 2D array whose row 0 is the bottom of the displayed image (``imshow(origin="lower")``)
+        and column 0 its left edge: the patient's right (axial, coronal) or anterior (sagittal).
+    """
+    out = {}
+    for title, fixed, h_axis, v_axis, _ in _VIEWS:
+        sl = np.take(np.asarray(volume), int(center_vox[fixed]), axis=fixed)  # (h, v): the two other axes
+        out[title] = (sl.T if h_axis < v_axis else sl)[:, ::-1]
+    return out
+
+
 def save_preview_png(
     image_hu: np.ndarray,
     label_map: np.ndarray | None,
     path_or_buffer: str | os.PathLike | BinaryIO,
     *,
+    center_vox: Sequence[int] | None = None,
     window_hu: tuple[float, float] = (-1000.0, 1000.0),
     alpha: float = 0.35,
     dpi: int = 80,
 ) -> None:
-    """Save three orthogonal mid slices (axial, coronal, sagittal) with an optional label overlay as PNG.
+    """Save axial, coronal and sagittal slices with an optional label overlay as PNG, in radiological display.
+
+    The arrays are in RAS axis order (as every volume the factory writes: +x the patient's right). The
+    slices are shown as a radiologist reads them, with orientation letters on their edges: the patient's
+    right on the viewer's left in axial and coronal views, anterior on the left in the sagittal view.
 
     Args:
         image_hu: HU ``(X, Y, Z)``.
         label_map: IDs ``(X, Y, Z)`` or None; background 0 and body 200 are not coloured.
         path_or_buffer: file path or writable binary buffer.
+        center_vox: the voxel ``(i, j, k)`` the three slices go through; default
+            :func:`preview_center_vox` (a tumour's centre when the label map has one, else the middle).
         window_hu: grey-level window (low, high).
         alpha: overlay opacity.
         dpi: output resolution.
@@ -240,18 +291,27 @@ def save_preview_png(
         raise LabelMapError(
             f"save_preview_png expects a label map of the image shape {img.shape}, but got shape={lab.shape}."
         )
-    fig = Figure(figsize=(9, 3), dpi=dpi)
+    center = tuple(int(c) for c in center_vox) if center_vox is not None else preview_center_vox(lab, img.shape)
+    if len(center) != 3 or not all(0 <= c < n for c, n in zip(center, img.shape, strict=True)):
+        raise ImageError(
+            f"save_preview_png expects center_vox inside the volume {img.shape}, but got center_vox={center_vox!r}."
+        )
+    fig = Figure(figsize=(9, 3.2), dpi=dpi)
     FigureCanvasAgg(fig)
-    cx, cy, cz = (s // 2 for s in img.shape)
-    views = (("axial", np.s_[:, :, cz]), ("coronal", np.s_[:, cy, :]), ("sagittal", np.s_[cx, :, :]))
-    for k, (title, index) in enumerate(views):
+    images = radiological_slices(img, center)
+    overlays = radiological_slices(lab, center) if lab is not None else {}
+    for k, (title, fixed, _, _, letters) in enumerate(_VIEWS):
         ax = fig.add_subplot(1, 3, k + 1)
-        ax.imshow(img[index].T, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower")
+        ax.imshow(images[title], cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower")
         if lab is not None:
-            sl = lab[index].T
-            overlay = np.ma.masked_where((sl == 0) | (sl == 200), sl % 20)
+            sl = overlays[title]
+            overlay = np.ma.masked_where((sl == 0) | (sl == labels.BODY_ID), sl % 20)
             ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=alpha, origin="lower", interpolation="nearest")
-        ax.set_title(title)
+        for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
+                                          (0.5, 0.02, "center", "bottom"), (0.5, 0.98, "center", "top")),
+                                         letters, strict=True):
+            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=9, weight="bold")
+        ax.set_title(f"{title} ({'ijk'[fixed]}={center[fixed]})", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path_or_buffer, format="png")

@@ -39,7 +39,7 @@ from monai.networks.utils import copy_model_state
 
 from maisi_core.config import PipelineConfig, RFlowSchedulerConfig
 from maisi_core.errors import ConfigError, TrainingDataError, did_you_mean
-from maisi_core.labels import BACKGROUND_ID, BODY_ID
+from maisi_core.labels import BACKGROUND_ID, BODY_ID, TUMOR_IDS
 from maisi_core.pipeline import MaisiPipeline, encode_labels_8bit, resolve_device
 from maisi_core.training_data import TrainingCase
 from maisi_core.training_loop import (  # noqa: F401  (TrainingProgress is part of this module's API)
@@ -74,6 +74,10 @@ class TrainingConfig:
         diffusion_loss: ``"l1"`` (MAISI) or ``"mse"``.
         roi_loss_weight: weight of voxels (VAE) and latent voxels (UNet, ControlNet) covering organ/tumour
             labels, i.e. anything but background 0 and body 200 (1: plain mean).
+        tumor_loss_weight: weight of voxels (VAE) and latent voxels (UNet, ControlNet) covering a tumour
+            label (23, 24, 26, 27, 128), multiplying ``roi_loss_weight``. Tumours are a few voxels of a
+            case, so without it the networks learn to paint them as their host organ (upstream MAISI
+            weights tumour voxels x100 in the ControlNet loss; 1: no extra weight).
         scale_factor_cases: images encoded to estimate the latent scale factor.
         max_minutes: wall-time budget for all stages (None: no limit); a stage gets the remaining budget
             times its share of the remaining steps and stops early when it runs out.
@@ -101,6 +105,7 @@ class TrainingConfig:
     adv_weight: float = 0.0
     diffusion_loss: str = "l1"
     roi_loss_weight: float = 1.0
+    tumor_loss_weight: float = 1.0
     scale_factor_cases: int = 16
     max_minutes: float | None = None
     anneal_to_budget: bool = False
@@ -126,6 +131,9 @@ class TrainingConfig:
         for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every",
                      "scale_factor_cases"):
             if int(getattr(self, name)) < 1:
+                raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
+        for name in ("roi_loss_weight", "tumor_loss_weight"):
+            if not float(getattr(self, name)) >= 1.0:
                 raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"TrainingConfig expects max_minutes > 0 or None, but got max_minutes={self.max_minutes}.")
@@ -162,14 +170,21 @@ def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return (err * weight).sum() / (weight.sum() * err.shape[1])
 
 
-def _roi_weights(label_maps: np.ndarray, factor: int, weight: float) -> torch.Tensor | None:
-    """(B, 1, x, y, z) weights: ``weight`` on latent voxels covering organ/tumour labels, 1 elsewhere."""
-    if weight == 1.0:
+def _roi_weights(label_maps: np.ndarray, factor: int, weight: float, tumor_weight: float = 1.0) -> torch.Tensor | None:
+    """(B, 1, x, y, z) loss weights of the voxels of label maps (B, X, Y, Z) pooled by ``factor``.
+
+    ``weight`` on (latent) voxels covering organ/tumour labels, times ``tumor_weight`` on those covering a
+    tumour, 1 elsewhere; None when both are 1 (a plain mean).
+    """
+    if weight == 1.0 and tumor_weight == 1.0:
         return None
-    lab = torch.from_numpy(label_maps)[:, None]
-    roi = ((lab != BACKGROUND_ID) & (lab != BODY_ID)).float()
-    roi = F.max_pool3d(roi, kernel_size=factor, stride=factor)
-    return 1.0 + (weight - 1.0) * roi
+    lab = torch.from_numpy(np.ascontiguousarray(label_maps))[:, None]
+    roi = F.max_pool3d(((lab != BACKGROUND_ID) & (lab != BODY_ID)).float(), kernel_size=factor, stride=factor)
+    out = 1.0 + (weight - 1.0) * roi
+    if tumor_weight != 1.0:
+        tumor = torch.isin(lab, torch.tensor(TUMOR_IDS, dtype=lab.dtype)).float()
+        out = out * (1.0 + (tumor_weight - 1.0) * F.max_pool3d(tumor, kernel_size=factor, stride=factor))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -213,7 +228,7 @@ def train_vae_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[Train
             crops.append(np.flip(cases[int(i)].image[box], flips))
             label_crops.append(np.flip(cases[int(i)].label_map[box], flips))
         x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
-        weight = _roi_weights(np.ascontiguousarray(np.stack(label_crops)), 1, cfg.roi_loss_weight)
+        weight = _roi_weights(np.stack(label_crops), 1, cfg.roi_loss_weight, cfg.tumor_loss_weight)
         if cfg.vae_decoder_only:
             with torch.no_grad():
                 mu, sigma = vae.encode(x)
@@ -289,7 +304,7 @@ def _rflow_loss(pipe: MaisiPipeline, cfg, rng: np.random.Generator, latents: tor
         down, mid = controlnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = pipe.unet(xt, t, class_labels=classes, spacing_tensor=spacing, **residuals)
-    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg.roi_loss_weight)
+    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg.roi_loss_weight, cfg.tumor_loss_weight)
     return _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
 
 

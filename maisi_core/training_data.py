@@ -94,6 +94,13 @@ class PhantomCorpusConfig:
     spacing_z_mm: tuple[float, float] = (5.0, 7.0)
     tumor_probability: float = 0.3
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.tumor_probability) <= 1.0:
+            raise TrainingDataError(
+                f"PhantomCorpusConfig expects 0 <= tumor_probability <= 1, but got "
+                f"tumor_probability={self.tumor_probability}."
+            )
+
 
 def generate_phantom_case(
     seed: int,

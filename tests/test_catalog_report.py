@@ -68,3 +68,13 @@ def test_report_renders_in_headless_chromium(report_root, tmp_path):
     )
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
+
+
+def test_preview_rows_show_every_cohort():
+    from catalog.report import preview_rows
+
+    rows = [{"sample_id": f"d-{c}-{i:05d}", "cohort": c} for c in ("a", "b") for i in range(3)]
+    rows.append({"sample_id": "d-c-00000", "cohort": "c"})
+    picked = preview_rows(rows, 4)
+    assert [r["sample_id"] for r in picked] == ["d-a-00000", "d-b-00000", "d-c-00000", "d-a-00001"]
+    assert preview_rows(rows, 0) == [] and preview_rows([], 3) == []

@@ -200,12 +200,15 @@ def test_cli_models_train_batch_patch_and_checkpoint_flags_reach_the_run(tmp_pat
     rc = main(["models", "train", "--preset", "tiny", "--out", str(out), "--steps-vae", "3", "--steps-unet", "1",
                "--steps-controlnet", "1", "--phantom-cases", "2", "--device", "cpu", "--batch-vae", "3",
                "--batch-unet", "2", "--batch-controlnet", "1", "--vae-patch-vox", "16", "--checkpoint-every", "2",
-               "--corpus-workers", "2", "--max-minutes", "30", "--anneal-to-budget"])
+               "--corpus-workers", "2", "--max-minutes", "30", "--anneal-to-budget", "--tumor-loss-weight", "25",
+               "--tumor-probability", "1", "--lr-vae", "2e-4", "--lr-controlnet", "1e-4"])
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "model_index.json").read_text())["training"]["config"]
     assert config["anneal_to_budget"] is True and config["max_minutes"] == 30
     assert (config["batch_vae"], config["batch_unet"], config["batch_controlnet"]) == (3, 2, 1)
     assert (config["vae_patch_vox"], config["checkpoint_every"]) == (16, 2)
+    assert (config["tumor_loss_weight"], config["lr_vae"], config["lr_unet"], config["lr_controlnet"]) == (
+        25.0, 2e-4, 5e-4, 1e-4)
     rc = main(["models", "train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--vae-patch-vox", "0"])
     assert rc == 2 and "TrainingConfig expects vae_patch_vox >= 1, but got vae_patch_vox=0." in capsys.readouterr().err
 
@@ -259,6 +262,26 @@ def test_training_config_errors():
         TrainingConfig(diffusion_loss="l2")
     with pytest.raises(ConfigError, match=r"^TrainingConfig expects steps_vae >= 0, but got steps_vae=-1\.$"):
         TrainingConfig(steps_vae=-1)
+    with pytest.raises(ConfigError, match=r"^TrainingConfig expects tumor_loss_weight >= 1, but got "
+                                          r"tumor_loss_weight=0\.5\.$"):
+        TrainingConfig(tumor_loss_weight=0.5)
+    with pytest.raises(TrainingDataError, match=r"^PhantomCorpusConfig expects 0 <= tumor_probability <= 1, but "
+                                                r"got tumor_probability=1\.5\.$"):
+        PhantomCorpusConfig(tumor_probability=1.5)
+
+
+def test_tumor_loss_weight_weights_latent_voxels_covering_a_tumour():
+    from maisi_core.training import _roi_weights
+
+    lab = np.full((1, 8, 8, 8), 200, np.uint8)
+    lab[0, 0:4, 0:4, 0:4] = 1  # liver: latent voxel (0, 0, 0) at factor 4
+    lab[0, 5, 5, 5] = 23  # one tumour voxel: latent voxel (1, 1, 1)
+    assert _roi_weights(lab, 4, 1.0, 1.0) is None
+    w = _roi_weights(lab, 4, 2.0, 30.0)
+    assert w.shape == (1, 1, 2, 2, 2)
+    assert float(w[0, 0, 0, 0, 0]) == 2.0 and float(w[0, 0, 1, 1, 1]) == 60.0 and float(w[0, 0, 1, 0, 0]) == 1.0
+    w = _roi_weights(lab, 1, 1.0, 30.0)  # VAE: per voxel
+    assert float(w[0, 0, 5, 5, 5]) == 30.0 and float(w.sum()) == 511 + 30
 
 
 def test_train_pipeline_refuses_mixed_shapes(tmp_path, tiny_cases):
