@@ -50,8 +50,10 @@ _TISSUES: dict[tuple[int, ...], tuple[float, float, float]] = {
     (114,): (120.0, 20.0, 20.0),  # costal cartilage
     tuple(range(98, 108)): _MUSCLE,
     (23,): (25.0, 10.0, 15.0),  # lung tumour
-    (24,): (30.0, 8.0, 12.0),  # pancreatic tumour
-    (26,): (35.0, 8.0, 12.0),  # hepatic tumour (hypodense to liver)
+    # pancreatic adenocarcinoma: hypoattenuating, 40.5 +- 23 HU below the pancreas in portal-venous CT
+    # (Kim 2008, PMID 17961951); the QC's tumour check asks for at least 15 HU
+    (24,): (0.0, 6.0, 12.0),  # pancreatic tumour
+    (26,): (25.0, 6.0, 12.0),  # hepatic tumour (metastasis, hypodense to liver: ~35 HU below it)
     (27,): (40.0, 8.0, 12.0),  # colon cancer primaries
     (128,): (150.0, 30.0, 40.0),  # bone lesion
 }
