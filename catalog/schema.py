@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from catalog.errors import RecordError, SchemaMismatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -57,6 +57,10 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("failure_reason", pa.string()),
     pa.field("created_at", TIMESTAMP, nullable=False),
     pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("precision", pa.string()),  # v2: "fp16", "bf16" or "fp32" as run; null in v1 rows
+    pa.field("tumor_contrast_hu", pa.float64()),  # v3: median(tumour) - median(host ring), QC-measured
+    pa.field("tumor_diameter_mm", pa.float64()),  # v3: equivalent-sphere diameter of the labelled tumour
+    pa.field("label_agreement", _FLOAT_MAP),  # v3: structure -> fraction of voxels in its tissue HU range
 ])
 
 DATASETS_SCHEMA = pa.schema([
@@ -128,6 +132,10 @@ class SampleRecord:
     organ_hu_median: Mapping[str, float] = dataclasses.field(default_factory=dict)
     timings_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
     device: str = ""
+    precision: str = ""
+    tumor_contrast_hu: float | None = None
+    tumor_diameter_mm: float | None = None
+    label_agreement: Mapping[str, float] = dataclasses.field(default_factory=dict)
     failure_reason: str | None = None
     created_at: datetime = dataclasses.field(default_factory=utc_now)
     schema_version: int = SCHEMA_VERSION
@@ -143,6 +151,7 @@ class SampleRecord:
         row["qc_failures"] = [str(v) for v in self.qc_failures]
         row["organ_hu_median"] = {str(k): float(v) for k, v in self.organ_hu_median.items()}
         row["timings_s"] = {str(k): float(v) for k, v in self.timings_s.items()}
+        row["label_agreement"] = {str(k): float(v) for k, v in self.label_agreement.items()}
         return {name: row[name] for name in SAMPLES_SCHEMA.names}
 
 

@@ -57,6 +57,7 @@ class CaseGenerator(Protocol):
     model_name: str
     model_digest: str
     device: str
+    precision: str  # recorded per sample; generators without it record ""
 
     def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
         """Return a volume for ``request`` conditioned on ``mask`` (a ``MaskResult``), drawn from ``seed``."""
@@ -70,6 +71,7 @@ class PipelineGenerator:
         self.model_name = model_name
         self.model_digest = str(pipeline.model_digest or "")
         self.device = str(pipeline.device)
+        self.precision = str(pipeline.precision)
         self._lock = _pipeline_lock(pipeline)
 
     def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
@@ -87,6 +89,7 @@ class SleepGenerator:
         self.model_name = f"sleep:{self.seconds:g}"
         self.model_digest = "stub"
         self.device = "cpu"
+        self.precision = "none"
 
     def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
         time.sleep(self.seconds)
@@ -103,13 +106,18 @@ def _pipeline_lock(pipeline: Any) -> threading.Lock:
         return _locks.setdefault(id(pipeline), threading.Lock())
 
 
-def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset: str | None = None) -> CaseGenerator:
-    """Resolve ``runtime.generator`` (see the module docstring) to a generator for ``model_ref``."""
+def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset: str | None = None,
+                  precision: str = "auto") -> CaseGenerator:
+    """Resolve ``runtime.generator`` (see the module docstring) to a generator for ``model_ref``.
+
+    ``precision`` reaches the ``maisi`` generator only; a ``module:factory`` picks its own.
+    """
     from flows.errors import ModelRefError
     from flows.models import load_pipeline, model_name
 
     if name == "maisi":
-        return PipelineGenerator(load_pipeline(model_ref, device, decode_preset=decode_preset), model_name(model_ref))
+        pipeline = load_pipeline(model_ref, device, decode_preset=decode_preset, precision=precision)
+        return PipelineGenerator(pipeline, model_name(model_ref))
     if name.startswith("sleep:"):
         try:
             return SleepGenerator(float(name.split(":", 1)[1]))
@@ -185,7 +193,7 @@ def make_case_mask(request: CaseRequest, seed: int) -> Any:
 
     tumor = None
     if request.tumor_label is not None:
-        tumor = TumorSpec(request.tumor_label, tuple(request.tumor_size_mm or (10.0, 30.0)))
+        tumor = TumorSpec(request.tumor_label, requested_tumor_size_mm(request))
     return make_mask(MaskRequest(
         source=request.mask_source["type"], regions=request.body_region, output_size_vox=request.output_size,
         spacing_mm=request.spacing_mm, tumor=tumor, seed=derive_seed("mask", seed), options=mask_options(request),
@@ -193,6 +201,37 @@ def make_case_mask(request: CaseRequest, seed: int) -> Any:
 
 
 # -- QC and the case --------------------------------------------------------------------------------
+
+DEFAULT_TUMOR_SIZE_MM = (10.0, 30.0)  # diameter range when the spec's pathology gives none
+
+
+def requested_tumor_size_mm(request: CaseRequest) -> tuple[float, float]:
+    """The (low, high) tumour diameter a case asks for: the spec's ``size_mm`` or the default."""
+    return tuple(float(v) for v in (request.tumor_size_mm or DEFAULT_TUMOR_SIZE_MM))  # type: ignore[return-value]
+
+
+def qc_options(request: CaseRequest, mask: Any) -> dict[str, Any]:
+    """The keyword arguments of ``maisi_core.qc.check_case`` for one attempt (spec switches, expected tumour).
+
+    The tumour's size is checked against the requested range only when the mask source placed it
+    (``mask.tumors``); a tumour already in a folder or user mask keeps its own size.
+    """
+    tumors: dict[int, tuple[float, float] | None] = {}
+    if request.tumor_label is not None:
+        placed = any(t.label == request.tumor_label for t in getattr(mask, "tumors", ()))
+        tumors[request.tumor_label] = requested_tumor_size_mm(request) if placed else None
+    settings = request.qc
+    return {"thresholds": qc_thresholds(request), "expected_tumors": tumors,
+            "orientation_check": settings.orientation_check, "tumor_check": settings.tumor_check,
+            "agreement_check": settings.agreement_check, "image_checks": settings.organ_hu_check}
+
+
+def _qc_fields(qc: Any, tumor_label: int | None) -> dict[str, Any]:
+    from maisi_core.labels import label_name
+
+    name = label_name(tumor_label) if tumor_label is not None else None
+    return {"organ_hu_median": dict(qc.organ_hu_median), "label_agreement": dict(qc.label_agreement),
+            "tumor_contrast_hu": qc.tumor_contrast_hu.get(name), "tumor_diameter_mm": qc.tumor_diameter_mm.get(name)}
 
 def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
     """The organ HU ranges overriding MAISI's: the spec's, or the whole HU range when the organ check is off."""
@@ -211,7 +250,7 @@ def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attemp
         model_name=generator.model_name, model_digest=generator.model_digest, code_version=code_version,
         body_region=request.region_name, pathology=request.pathology, output_size=request.output_size,
         spacing_mm=request.spacing_mm, tumor_label=request.tumor_label, tumor_size_mm=tumor_size_mm,
-        device=generator.device, **fields,
+        device=generator.device, precision=str(getattr(generator, "precision", "")), **fields,
     )
 
 
@@ -232,8 +271,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
     t_start = time.perf_counter()
     reasons: list[str] = []
     last_failures: tuple[str, ...] = ()
-    last_hu: dict[str, float] = {}
-    expected_tumors = [request.tumor_label] if request.tumor_label is not None else []
+    last_qc: dict[str, Any] = {}
     for attempt in range(request.qc.max_retries + 1):
         seed = attempt_seed(request.seed, attempt)
         t0 = time.perf_counter()
@@ -246,9 +284,9 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
         volume = generator.generate(request, mask, seed=seed)
         t2 = time.perf_counter()
         qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
-                        thresholds=qc_thresholds(request), expected_tumor_ids=expected_tumors)
+                        **qc_options(request, mask))
         t3 = time.perf_counter()
-        last_failures, last_hu = tuple(f.message for f in qc.failures), dict(qc.organ_hu_median)
+        last_failures, last_qc = tuple(f.message for f in qc.failures), _qc_fields(qc, request.tumor_label)
         if not qc.passed:
             reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
             continue
@@ -266,11 +304,11 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
                        image_uri=request.image_uri, label_uri=request.label_uri,
                        image_sha256=image.sha256, label_sha256=label.sha256,
                        image_bytes=image.n_bytes, label_bytes=label.n_bytes,
-                       organ_hu_median=qc.organ_hu_median, timings_s=timings)
+                       timings_s=timings, **last_qc)
     attempts = request.qc.max_retries
     logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False,
                    mask_source=str(request.mask_source["type"]), qc_failures=last_failures,
-                   organ_hu_median=last_hu, failure_reason=" | ".join(reasons)[:4000],
+                   failure_reason=" | ".join(reasons)[:4000], **last_qc,
                    timings_s={"case_total": time.perf_counter() - t_start})

@@ -111,7 +111,7 @@ def run_run(args: argparse.Namespace) -> int:
         options = parse_storage_options(args.storage_option)
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
-            batch_size=args.batch_size, max_workers=args.max_workers)
+            batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision)
         from flows.plan import plan_dataset
 
         plan_dataset(spec)
@@ -175,6 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("spec", metavar="SPEC", help="YAML dataset spec")
     run.add_argument("--out", metavar="URI", help="output root (overrides the spec's output_root)")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), help="overrides runtime.device")
+    run.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"),
+                     help="overrides runtime.precision (auto: fp16 on CUDA, fp32 on a CPU)")
     run.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run cases on an existing Dask cluster")
     run.add_argument("--dask-local", type=int, metavar="N", help="run cases on a temporary local Dask cluster")
     run.add_argument("--batch-size", type=int, metavar="N", help="records per catalog commit")

@@ -41,9 +41,10 @@ REPORT_NAME = "dataset_card.html"
 
 @task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
 def generate_case(request: CaseRequest, *, output_root: str, storage_options: dict[str, str] | None,
-                  generator: str, device: str, decode_preset: str | None, code_version: str) -> SampleRecord:
+                  generator: str, device: str, decode_preset: str | None, code_version: str,
+                  precision: str = "auto") -> SampleRecord:
     """Generate, check and write one case (the model is loaded once per worker process)."""
-    gen = get_generator(generator, request.model_ref, device, decode_preset)
+    gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
     return run_case(request, gen, output_root=output_root, storage_options=storage_options,
                     code_version=code_version)
 
@@ -156,7 +157,7 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
     with annotate:
         return {generate_case.submit(c, output_root=output_root, storage_options=storage_options,
                                      generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
-                                     code_version=version): c for c in cases}
+                                     precision=rt.precision, code_version=version): c for c in cases}
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,

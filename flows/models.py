@@ -2,7 +2,7 @@
 
 A reference is ``preset:NAME`` (a preset with seeded random weights, ``init_seed=0``: for tests and
 CPU demos, not CT-like), ``default`` (the embedded model shipped in the package) or a model directory.
-:func:`load_pipeline` builds each (reference, device, decode preset) once per process, so a worker
+:func:`load_pipeline` builds each (reference, device, decode preset, precision) once per process, so a worker
 that runs many cases loads the weights once. :func:`geometry_rules` reads only the config (no weights)
 for planning.
 """
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 PRESET_PREFIX = "preset:"
 PRESET_INIT_SEED = 0  # the seeded random weights of ``preset:NAME``
 
-_cache: dict[tuple[str, str, str | None], MaisiPipeline] = {}
+_cache: dict[tuple[str, str, str | None, str], MaisiPipeline] = {}
 _lock = threading.Lock()
 
 
@@ -76,19 +76,29 @@ def geometry_rules(ref: str, *, preset: str | None = None) -> GeometryRules:
     return pipeline_config(ref, preset=preset).geometry
 
 
-def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None = None) -> MaisiPipeline:
+def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None = None,
+                  precision: str = "auto") -> MaisiPipeline:
     """Return the pipeline for ``ref`` on ``device``, built once per process and cached.
+
+    ``precision`` ``"auto"`` runs fp16 autocast on CUDA (as upstream) and fp32 on a CPU; ``bf16`` and
+    ``fp32`` are honoured as asked. The pipeline's ``precision`` attribute holds the one in use.
 
     Raises:
         ModelRefError: unknown preset or missing model directory.
     """
-    from maisi_core.errors import ConfigError, WeightsNotFoundError
-    from maisi_core.pipeline import MaisiPipeline, resolve_device
+    from torch import device as torch_device
+
+    from maisi_core.errors import ConfigError, DeviceError, WeightsNotFoundError
+    from maisi_core.pipeline import MaisiPipeline, resolve_device, resolve_precision
     from maisi_core.presets import get_preset
     from maisi_core.weights import state_digest
 
     dev = str(resolve_device(device))
-    key = (ref, dev, decode_preset)
+    try:
+        prec = resolve_precision(precision, torch_device(dev))
+    except ConfigError as exc:
+        raise ModelRefError(f"load_pipeline could not load model={ref!r}: {exc}") from None
+    key = (ref, dev, decode_preset, prec)
     with _lock:
         if key in _cache:
             return _cache[key]
@@ -96,13 +106,13 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
         try:
             if name is not None:
                 pipe = MaisiPipeline.from_config(get_preset(name), device=dev, init_seed=PRESET_INIT_SEED,
-                                                 decode_preset=decode_preset)
+                                                 decode_preset=decode_preset, precision=prec)
                 pipe.model_digest = state_digest({"vae": pipe.vae, "unet": pipe.unet, "controlnet": pipe.controlnet})
             else:
-                pipe = MaisiPipeline.from_pretrained(ref, device=dev, decode_preset=decode_preset)
-        except (ConfigError, WeightsNotFoundError) as exc:
+                pipe = MaisiPipeline.from_pretrained(ref, device=dev, decode_preset=decode_preset, precision=prec)
+        except (ConfigError, DeviceError, WeightsNotFoundError) as exc:
             raise ModelRefError(f"load_pipeline could not load model={ref!r}: {exc}") from None
-        logger.info("loaded model %s on %s", ref, dev)
+        logger.info("loaded model %s on %s (%s)", ref, dev, prec)
         _cache[key] = pipe
         return pipe
 

@@ -150,8 +150,17 @@ class QCSettings(_Strict):
 
     thresholds_hu: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="organ -> [low, high] median HU overriding MAISI's reference range")
-    organ_hu_check: bool = Field(True, description="false: organ median-HU ranges are not checked (sanity "
-                                                   "checks still run); for random or untrained weights")
+    organ_hu_check: bool = Field(True, description="false: the image is not expected to be CT (random or untrained "
+                                                   "weights, stub generators): organ median-HU ranges and the checks "
+                                                   "that read the image against the labels (image orientation, "
+                                                   "tumour contrast, label agreement) are skipped; sanity and "
+                                                   "label-map checks still run")
+    orientation_check: bool = Field(True, description="left/right: lateral structures on the side their names say "
+                                                      "(world x, RAS+), and the image not mirrored against the labels")
+    tumor_check: bool = Field(True, description="a requested tumour is visible against its host (per-type HU "
+                                                "contrast) and its diameter matches the requested size_mm")
+    agreement_check: bool = Field(True, description="labelled structures show their tissue's HU (air, bone, soft "
+                                                    "tissue, vessel) in at least half their voxels")
     max_retries: int = Field(2, ge=0, le=10, description="re-tries on derived seeds after a failed attempt")
 
     @model_validator(mode="after")
@@ -247,6 +256,8 @@ class Runtime(_Strict):
     gpu_slots: int = Field(1, ge=1, le=16, description="concurrent cases per GPU")
     max_workers: int = Field(1, ge=1, le=256, description="concurrent cases on CPU")
     decode_preset: Literal["auto", "16g", "24g", "32g", "80g"] | None = None
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")
     generator: str = Field("maisi", description="case generator (flows.case.GENERATORS): 'maisi', "
                                                 "'sleep:SECONDS' (benchmark stub) or 'module:factory'")
 

@@ -279,7 +279,10 @@ class PipelineConfig(_ConfigMixin):
         scale_factor: latent scale; the released models store theirs with the weights.
         intensity_range_hu: the HU range the VAE's [0, 1] output maps to.
         background_hu: HU written where the label map is 0 (outside the body).
-        decode_roi_latent: sliding-window size in latent voxels for decoding (None: whole volume).
+        decode_roi_latent: sliding-window size in latent voxels for decoding (None: whole volume), used
+            when no memory preset is given; the latent is decoded whole when it has no more voxels than
+            the window (see :func:`maisi_core.decoding.decode_latents`).
+        decode_overlap: the sliding window's overlap fraction.
     """
 
     name: str
@@ -374,6 +377,26 @@ MAISI_CT_GEOMETRY = GeometryRules(
 )
 
 
+# Modality codes (CTMR configs/modality_mapping.json): 0-7 are CT (0 unknown, 1 ct, 2 ct without and
+# 3 with contrast), 8 and above MR. Upstream maps MR output to [0, 1000] with background 0.
+MAX_CT_MODALITY = 7
+MR_INTENSITY_RANGE: tuple[float, float] = (0.0, 1000.0)
+MR_BACKGROUND = 0.0
+
+
+def is_ct_modality(code: int) -> bool:
+    """Return whether a modality code is a CT code (0-7) rather than an MR one (8 and above)."""
+    return int(code) <= MAX_CT_MODALITY
+
+
+# The paired (ControlNet) sampler's decode window and overlap in CTMR configs/config_infer.json. The
+# upstream image-only script (diff_model_infer.py) hard-codes [80, 80, 80] / 0.4 instead; the pipeline
+# uses one window for both paths (the tiling only changes seams, not what is decoded); the ``80g``
+# decode preset reproduces the image-only script's window.
+UPSTREAM_DECODE_ROI_LATENT: tuple[int, int, int] = (48, 48, 48)
+UPSTREAM_DECODE_OVERLAP = 0.6666
+
+
 def _maisi_ct(variant: str) -> PipelineConfig:
     net = _upstream_network_config(variant)
     if variant == "rflow":
@@ -389,7 +412,7 @@ def _maisi_ct(variant: str) -> PipelineConfig:
         geometry=MAISI_CT_GEOMETRY,
         conditioning="modality" if variant == "rflow" else "body_region",
         modality=1,
-        decode_roi_latent=(80, 80, 80),
-        decode_overlap=0.4,
+        decode_roi_latent=UPSTREAM_DECODE_ROI_LATENT,
+        decode_overlap=UPSTREAM_DECODE_OVERLAP,
         licence="NVIDIA Open Model License (released MAISI CT weights); code Apache-2.0",
     )

@@ -9,6 +9,7 @@ presets are the upstream per-GPU-memory inference configs (NV-Generate-CTMR
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,13 +83,14 @@ def decode_latents(
 ) -> torch.Tensor:
     """Decode latents (B, C, x, y, z) to images (B, 1, X, Y, Z), window by window when they are large.
 
-    When ``roi_latent`` is None or the latent fits in one window, the decoder runs once on the whole
-    latent. Otherwise a gaussian-blended sliding window runs the decoder on windows of ``roi_latent``
-    latent voxels on the latents' device and accumulates the output on ``output_device``, so the peak
-    memory of the decoder is set by the window.
+    Upstream's rule (``dynamic_infer`` in CTMR ``scripts/utils.py``): when ``roi_latent`` is None or the
+    latent has no more voxels than one window (``x·y·z <= prod(roi_latent)``, whatever the per-axis
+    sizes), the decoder runs once on the whole latent. Otherwise a gaussian-blended sliding window,
+    each axis of the window capped at the latent's, runs the decoder on the latents' device and
+    accumulates the output on ``output_device``, so the peak memory of the decoder is set by the window.
     """
     spatial = tuple(int(s) for s in latents.shape[2:])
-    if roi_latent is None or all(s <= r for s, r in zip(spatial, roi_latent, strict=True)):
+    if roi_latent is None or math.prod(spatial) <= math.prod(int(r) for r in roi_latent):
         return decode_fn(latents).to(output_device)
     roi = tuple(min(int(r), s) for r, s in zip(roi_latent, spatial, strict=True))
     inferer = SlidingWindowInferer(

@@ -46,6 +46,10 @@ TUMOR_HOSTS: dict[int, tuple[int, ...]] = {
     128: BONE_IDS,         # bone lesion
 }
 TUMOR_IDS = tuple(sorted(TUMOR_HOSTS))
+# remove_tumors (upstream's rules): lesions relabelled as their organ, and lesions filled by the
+# majority label of their neighbouring host voxels.
+TUMOR_REMAP: dict[int, int] = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}
+TUMOR_MAJORITY_HOSTS: dict[int, tuple[int, ...]] = {23: LUNG_IDS, 128: BONE_IDS}
 
 # Structures that characterise each body region (used for region detection and phantom/QC lists).
 REGION_STRUCTURES: dict[str, tuple[int, ...]] = {
@@ -157,27 +161,44 @@ def tumor_ids_in(label_map: np.ndarray) -> tuple[int, ...]:
 
 
 def remove_tumors(label_map: np.ndarray) -> np.ndarray:
-    """Return a copy with each tumour relabelled as its host organ (lung and bone: nearest host voxel).
+    """Return a tumour-free copy of a label map: the unconditional branch of classifier-free guidance.
 
-    Used for the tumour-free branch of classifier-free guidance.
+    The rules are upstream's ``remove_tumors`` (CTMR ``scripts/augmentation.py``, no pseudo labels):
+
+    * :data:`TUMOR_REMAP`: hepatic tumour 26 → liver 1, pancreatic tumour 24 → pancreas 4, colon
+      cancer 27 → colon 62, left kidney cyst 116 → left kidney 14, right kidney cyst 117 → right kidney 5.
+    * :data:`TUMOR_MAJORITY_HOSTS`: every voxel of lung tumour 23 becomes the most frequent lung lobe
+      in the one-voxel ring (3×3×3 dilation) around the tumour, or the most frequent lobe in the whole
+      map when the ring touches none (lobe 28 when the map has no lobe at all).
+
+    Two deliberate differences: bone lesion 128 gets the same majority vote over the bone labels
+    (upstream leaves it in place without pseudo labels, so bone-lesion guidance would change nothing
+    in the mask), and the dilation treats voxels outside the volume as empty (upstream pads with ones,
+    so lobe voxels on the volume's border also vote). Brain tumour IDs (176, 401-403) are outside the
+    132-label vocabulary and never occur here.
     """
+    out = np.array(label_map, copy=True)
+    arr = np.asarray(label_map)
+    for tumor, host in TUMOR_REMAP.items():
+        out[arr == tumor] = host
+    for tumor, hosts in TUMOR_MAJORITY_HOSTS.items():
+        out = _fill_by_majority_vote(out, out == tumor, hosts)
+    return out
+
+
+def _fill_by_majority_vote(label_map: np.ndarray, lesion: np.ndarray, hosts: Sequence[int]) -> np.ndarray:
+    """Set every ``lesion`` voxel to the ring's most frequent ``hosts`` label (ties: the first in ``hosts``)."""
+    if not lesion.any():
+        return label_map
     from scipy import ndimage
 
-    out = np.array(label_map, copy=True)
-    for tumor, hosts in TUMOR_HOSTS.items():
-        mask = out == tumor
-        if not mask.any():
-            continue
-        if len(hosts) == 1:
-            out[mask] = hosts[0]
-            continue
-        host_mask = np.isin(out, hosts)
-        if not host_mask.any():
-            out[mask] = BODY_ID
-            continue
-        _, (ii, jj, kk) = ndimage.distance_transform_edt(~host_mask, return_indices=True)
-        out[mask] = out[ii[mask], jj[mask], kk[mask]]
-    return out
+    ring = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool)) & ~lesion
+    votes = label_map[ring & np.isin(label_map, hosts)]
+    if votes.size == 0:
+        votes = label_map[np.isin(label_map, hosts)]
+    counts = [int(np.count_nonzero(votes == h)) for h in hosts]
+    label_map[lesion] = hosts[int(np.argmax(counts))]
+    return label_map
 
 
 def check_label_map(

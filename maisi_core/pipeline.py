@@ -11,7 +11,8 @@ Every call runs the same numbered steps, each a public method:
 5. :meth:`MaisiPipeline.prepare_latents`: Gaussian noise drawn from the caller's ``torch.Generator``.
 6. :meth:`MaisiPipeline.denoise`: ControlNet → UNet → scheduler, with optional classifier-free guidance.
 7. :meth:`MaisiPipeline.decode`: memory-bounded VAE decoding (sliding window + tensor splits).
-8. :meth:`MaisiPipeline.postprocess`: clip, map to HU, background to -1000 HU, affine.
+8. :meth:`MaisiPipeline.postprocess`: clip and map by modality (CT: [0, 1] → HU, background -1000 HU;
+   MR: lower clip only, [0, 1000], background 0), affine.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from maisi_core import geometry, labels
-from maisi_core.config import PipelineConfig
+from maisi_core.config import MR_BACKGROUND, MR_INTENSITY_RANGE, PipelineConfig, is_ct_modality
 from maisi_core.decoding import (
     DecodePreset,
     decode_latents,
@@ -123,6 +124,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Return the precision to run at: ``"auto"`` is fp16 on CUDA (upstream's autocast) and fp32 elsewhere."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"MaisiPipeline expects precision in {['auto', *sorted(PRECISIONS)]}, but got precision={precision!r}."
+        )
+    return precision
+
+
 def encode_labels_8bit(label_map: torch.Tensor) -> torch.Tensor:
     """Encode an integer label map (B, 1, X, Y, Z) as 8 binary channels (B, 8, X, Y, Z), bit k in channel k.
 
@@ -147,15 +159,12 @@ class MaisiPipeline:
         controlnet: torch.nn.Module,
         *,
         device: torch.device,
-        precision: str = "fp32",
+        precision: str = "auto",
         decode_preset: DecodePreset | None = None,
         scale_factor: float | None = None,
         model_digest: str | None = None,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ConfigError(
-                f"MaisiPipeline expects precision in {sorted(PRECISIONS)}, but got precision={precision!r}."
-            )
+        precision = resolve_precision(precision, device)
         if precision == "fp16" and device.type != "cuda":
             raise DeviceError(
                 f"MaisiPipeline expects fp16 only on CUDA, but got precision='fp16' on device={device}. "
@@ -183,7 +192,7 @@ class MaisiPipeline:
         config: PipelineConfig,
         *,
         device: str | torch.device | None = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         decode_preset: str | None = None,
         init_seed: int | None = 0,
     ) -> MaisiPipeline:
@@ -192,7 +201,8 @@ class MaisiPipeline:
         Args:
             config: a preset such as ``presets.tiny()``.
             device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"meta"``.
-            precision: ``fp32``, ``bf16`` (CUDA or CPU autocast) or ``fp16`` (CUDA only).
+            precision: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` (CUDA or CPU autocast) or
+                ``fp16`` (CUDA only); :attr:`precision` holds the one in use.
             decode_preset: a memory preset name (``16g`` ...), ``"auto"`` (from free GPU memory) or None
                 (the preset's own window).
             init_seed: seed for the random initialisation (None: torch's global RNG).
@@ -216,7 +226,7 @@ class MaisiPipeline:
         path: str | Path,
         *,
         device: str | torch.device | None = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         decode_preset: str | None = None,
     ) -> MaisiPipeline:
         """Load a model directory written by :meth:`save_pretrained` (``"default"``: the packaged model)."""
@@ -313,7 +323,7 @@ class MaisiPipeline:
         t2 = time.perf_counter()
         image = self.decode(x)
         t3 = time.perf_counter()
-        image_hu = self.postprocess(image, label_map)
+        image_hu = self.postprocess(image, label_map, request.modality)
         affine = request.affine if request.affine is not None else geometry.affine_from_spacing(spacing, size)
         t4 = time.perf_counter()
         timings = {"prepare": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "postprocess": t4 - t3,
@@ -421,23 +431,31 @@ class MaisiPipeline:
     def prepare_guidance(
         self, label_map: np.ndarray | None, cond: Conditioning, guidance_scale: float
     ) -> tuple[torch.Tensor | None, Conditioning | None]:
-        """Classifier-free guidance's unconditional branch: the tumour-free mask, or modality class 0."""
+        """Classifier-free guidance's unconditional branch, as upstream builds it.
+
+        The mask (if any) with its tumours removed (:func:`maisi_core.labels.remove_tumors`; a mask without
+        tumours stays as it is) and, on modality models, modality class 0 ("unknown") in place of the
+        requested one. On a body-region model without a mask there is nothing to drop, so it is refused.
+
+        Returns:
+            (the unconditional ControlNet input (1, 8, X, Y, Z), or None when it is the conditional one,
+            the unconditional conditioning), or (None, None) when ``guidance_scale`` is 0.
+        """
         if not guidance_scale:
             return None, None
-        if label_map is not None:
-            if not labels.tumor_ids_in(label_map):
-                raise ConfigError(
-                    f"MaisiPipeline expects a tumour label in the mask for tumour guidance, but got "
-                    f"guidance_scale={guidance_scale} and no tumour (IDs {list(labels.TUMOR_IDS)}). "
-                    "Use guidance_scale=0."
-                )
-            return self.prepare_control(labels.remove_tumors(label_map)), cond
-        if cond.class_labels is None:
+        if label_map is None and cond.class_labels is None:
             raise ConfigError(
                 f"MaisiPipeline expects guidance only with a mask or a modality model, but got "
                 f"guidance_scale={guidance_scale} on a body-region model without a mask."
             )
-        return None, Conditioning(cond.spacing, torch.zeros_like(cond.class_labels), None, None)
+        uncond = cond
+        if cond.class_labels is not None:
+            uncond = dataclasses.replace(cond, class_labels=torch.zeros_like(cond.class_labels))
+        if label_map is None:
+            return None, uncond
+        cleaned = labels.remove_tumors(label_map)
+        # None: the unconditional branch reuses the conditional mask (:meth:`denoise`)
+        return (None if np.array_equal(cleaned, label_map) else self.prepare_control(cleaned)), uncond
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -501,11 +519,22 @@ class MaisiPipeline:
 
         return decode_latents(decode_fn, z, roi_latent=roi, overlap=overlap, output_device="cpu")
 
-    def postprocess(self, image: torch.Tensor, label_map: np.ndarray | None) -> np.ndarray:
-        """Step 8: clip to [0, 1], map to the HU range, set voxels outside the body to background HU."""
-        lo, hi = self.config.intensity_range_hu
-        arr = image[0, 0].float().clamp(0.0, 1.0).cpu().numpy()
-        hu = (arr * (hi - lo) + lo).astype(np.float32)
+    def postprocess(self, image: torch.Tensor, label_map: np.ndarray | None, modality: int | None = None) -> np.ndarray:
+        """Step 8: map the VAE's [0, 1] output to intensities by modality code, as upstream does.
+
+        CT codes (0-7, and body-region models): clip to [0, 1], map to ``intensity_range_hu`` and set
+        voxels where the mask is 0 to ``background_hu``. MR codes (8 and above): clip below 0 only, map
+        to [0, 1000] and set the background to 0.
+        """
+        code = self.config.modality if modality is None else int(modality)
+        arr = image[0, 0].float()
+        if is_ct_modality(code):
+            (lo, hi), background = self.config.intensity_range_hu, self.config.background_hu
+            arr = arr.clamp(0.0, 1.0)
+        else:
+            (lo, hi), background = MR_INTENSITY_RANGE, MR_BACKGROUND
+            arr = arr.clamp(min=0.0)
+        hu = (arr.cpu().numpy() * (hi - lo) + lo).astype(np.float32)
         if label_map is not None:
-            hu[label_map == labels.BACKGROUND_ID] = self.config.background_hu
+            hu[label_map == labels.BACKGROUND_ID] = background
         return hu

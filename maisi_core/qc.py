@@ -5,6 +5,10 @@ The organ check follows MAISI's ``quality_check.py``: the median HU inside each 
 (``maisi_core/data/image_median_statistics_ct.json``), with bone's upper bound forced to 1000 HU. An organ
 absent from the label map passes, as upstream, and is listed in ``QCResult.absent_organs``.
 
+Three further checks live in their own modules and run from :func:`check_case` (each can be switched off):
+left/right orientation (:mod:`maisi_core.qc_orientation`), visibility and size of requested tumours
+(:mod:`maisi_core.qc_tumor`) and label-image agreement (:mod:`maisi_core.qc_agreement`).
+
 This module only judges one case; re-trying with new seeds belongs to the flows.
 """
 
@@ -21,6 +25,10 @@ import numpy as np
 
 from maisi_core.errors import ImageError, LabelMapError, QCConfigError, did_you_mean
 from maisi_core.labels import BODY_ID, BONE_IDS, KIDNEY_IDS, LUNG_IDS, TUMOR_IDS, label_name
+from maisi_core.qc_agreement import check_label_agreement
+from maisi_core.qc_orientation import check_image_orientation, check_label_orientation
+from maisi_core.qc_tumor import check_tumor
+from maisi_core.qc_types import QCFailure
 
 __all__ = [
     "BONE_UPPER_HU", "HU_SANITY_RANGE", "ORGAN_LABEL_IDS", "QCFailure", "QCResult", "check_case",
@@ -44,25 +52,6 @@ AFFINE_ATOL_MM = 1e-3
 
 
 @dataclass(frozen=True)
-class QCFailure:
-    """One failed check.
-
-    Attributes:
-        check: ``organ_hu``, ``hu_finite``, ``hu_range``, ``shape``, ``affine``, ``body_label`` or ``tumor``.
-        organ: the organ (for ``organ_hu``) or tumour name (for ``tumor``); None otherwise.
-        value: the measured value (median HU, count of bad voxels, ...) or None.
-        expected: the allowed (low, high) range, or None.
-        message: one human-readable line, e.g. ``"liver: median 250.0 HU outside [-21.6, 162.0]"``.
-    """
-
-    check: str
-    organ: str | None
-    value: float | None
-    expected: tuple[float, float] | None
-    message: str
-
-
-@dataclass(frozen=True)
 class QCResult:
     """The verdict on one case.
 
@@ -72,6 +61,10 @@ class QCResult:
         organ_hu_median: organ -> median HU, for every checked organ present in the label map.
         absent_organs: checked organs with no voxel in the label map (they pass).
         hu_ranges: organ -> (low, high) HU range that was applied.
+        tumor_contrast_hu: tumour name -> median(tumour) - median(host ring), for checked tumours present.
+        tumor_diameter_mm: tumour name -> equivalent-sphere diameter of its labelled voxels.
+        label_agreement: structure -> fraction of its voxels in its tissue class's HU range
+            (:func:`maisi_core.qc_agreement.label_agreement_fractions`); empty when that check is off.
     """
 
     passed: bool
@@ -79,6 +72,9 @@ class QCResult:
     organ_hu_median: dict[str, float] = field(default_factory=dict)
     absent_organs: tuple[str, ...] = ()
     hu_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    tumor_contrast_hu: dict[str, float] = field(default_factory=dict)
+    tumor_diameter_mm: dict[str, float] = field(default_factory=dict)
+    label_agreement: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """Return ``"pass"`` or the failure messages joined by ``"; "``."""
@@ -128,14 +124,34 @@ def _resolve_ranges(thresholds: Mapping[str, tuple[float, float]] | None) -> dic
     return ranges
 
 
-def _check_tumor_ids(expected_tumor_ids: Iterable[int]) -> tuple[int, ...]:
-    ids = tuple(int(t) for t in expected_tumor_ids)
-    unknown = [t for t in ids if t not in TUMOR_IDS]
+def _check_tumors(
+    expected_tumor_ids: Iterable[int], expected_tumors: Mapping[int, tuple[float, float] | None] | None,
+) -> dict[int, tuple[float, float] | None]:
+    """Merge the two ways of naming tumours into tumour ID -> requested diameter range (or None)."""
+    tumors: dict[int, tuple[float, float] | None] = {int(t): None for t in expected_tumor_ids}
+    unknown = [t for t in tumors if t not in TUMOR_IDS]
     if unknown:
         raise QCConfigError(
             f"check_case expects tumour label IDs from {list(TUMOR_IDS)}, but got expected_tumor_ids={unknown}."
         )
-    return ids
+    for tumor, bounds in (expected_tumors or {}).items():
+        if int(tumor) not in TUMOR_IDS:
+            raise QCConfigError(
+                f"check_case expects tumour label IDs from {list(TUMOR_IDS)}, but got expected_tumors key={tumor!r}."
+            )
+        if bounds is not None:
+            try:
+                low, high = (float(b) for b in bounds)
+            except (TypeError, ValueError):
+                low, high = math.nan, math.nan
+            if not (math.isfinite(low) and 0 < low <= high):
+                raise QCConfigError(
+                    f"check_case expects tumour diameter ranges (low, high) in mm with 0 < low <= high, but got "
+                    f"expected_tumors[{tumor}]={bounds!r}."
+                )
+            bounds = (low, high)
+        tumors[int(tumor)] = bounds
+    return tumors
 
 
 def organ_hu_medians(image_hu: np.ndarray, label_map: np.ndarray) -> dict[str, float]:
@@ -209,41 +225,71 @@ def check_case(
     thresholds: Mapping[str, tuple[float, float]] | None = None,
     require_body: bool = True,
     expected_tumor_ids: Iterable[int] = (),
+    expected_tumors: Mapping[int, tuple[float, float] | None] | None = None,
+    orientation_check: bool = True,
+    tumor_check: bool = True,
+    agreement_check: bool = True,
+    image_checks: bool = True,
 ) -> QCResult:
     """Check one generated case and return the verdict (never raises for a bad case, only for bad arguments).
 
     Args:
         image_hu: HU ``(X, Y, Z)``.
         label_map: MAISI label IDs ``(X, Y, Z)``.
-        affine: image affine ``(4, 4)``; compared with ``label_affine`` when both are given.
+        affine: image affine ``(4, 4)``; compared with ``label_affine`` when both are given, and used
+            (else ``label_affine``, else the identity) for world positions and voxel sizes.
         label_affine: label-map affine ``(4, 4)``.
         thresholds: organ -> (low, high) HU overriding :func:`reference_hu_ranges` for that organ.
         require_body: fail when the body label 200 is absent.
         expected_tumor_ids: tumour labels (e.g. 23 lung tumour) that must be present in the label map.
+        expected_tumors: tumour label -> requested (low, high) diameter in mm, or None for no size check;
+            these must be present too.
+        orientation_check: judge left/right (:mod:`maisi_core.qc_orientation`).
+        tumor_check: judge the expected tumours' contrast and size (:mod:`maisi_core.qc_tumor`); when
+            False only their presence is checked.
+        agreement_check: judge label-image agreement (:mod:`maisi_core.qc_agreement`).
+        image_checks: False for images that are not CT-like (random weights, stub generators): skips the
+            checks that read the image against the anatomy (image orientation, tumour contrast,
+            agreement), keeping those of the label map alone (label orientation, tumour presence and size).
 
     Raises:
         ImageError: the image is not a real-valued 3D array.
         LabelMapError: the label map is not an integer 3D array.
-        QCConfigError: unknown organ or invalid range in ``thresholds``; unknown tumour ID.
+        QCConfigError: unknown organ or invalid range in ``thresholds``; unknown tumour ID or bad diameter range.
     """
     ranges = _resolve_ranges(thresholds)
-    tumor_ids = _check_tumor_ids(expected_tumor_ids)
+    tumors = _check_tumors(expected_tumor_ids, expected_tumors)
     img, lab = _check_inputs(image_hu, label_map)
     failures = _sanity_failures(img, lab, affine, label_affine, require_body)
+    world = affine if affine is not None else label_affine
+    same_grid = img.shape == lab.shape
     medians: dict[str, float] = {}
-    if img.shape == lab.shape:
+    if same_grid:
         medians = organ_hu_medians(img, lab)
         for organ, value in medians.items():
             low, high = ranges[organ]
             if not low <= value <= high:
                 failures.append(QCFailure("organ_hu", organ, value, (low, high),
                                           f"{organ}: median {value:.1f} HU outside [{low:.1f}, {high:.1f}]"))
-    present = set(np.unique(lab).tolist()) if tumor_ids else set()
-    for tumor in tumor_ids:
-        if tumor not in present:
-            name = label_name(tumor)
-            failures.append(QCFailure("tumor", name, None, None,
-                                      f"{name}: expected tumour label {tumor} is absent"))
+    contrast, diameter = {}, {}
+    for tumor, bounds in tumors.items():
+        read_image = tumor_check and image_checks and same_grid
+        found, m = check_tumor(img if read_image else None, lab, tumor, affine=world,
+                               diameter_range_mm=bounds if tumor_check else None)
+        failures += found
+        if m is not None and tumor_check:
+            diameter[label_name(tumor)] = m.diameter_mm
+            if math.isfinite(m.contrast_hu):
+                contrast[label_name(tumor)] = m.contrast_hu
+    if orientation_check:
+        failures += check_label_orientation(lab, world)
+        if image_checks and same_grid:
+            failures += check_image_orientation(img, lab, world)
+    agreement: dict[str, float] = {}
+    if agreement_check and image_checks and same_grid:
+        found, agreement = check_label_agreement(img, lab)
+        failures += found
     absent = tuple(o for o in ORGAN_LABEL_IDS if o not in medians)
     return QCResult(passed=not failures, failures=tuple(failures), organ_hu_median=medians,
-                    absent_organs=absent, hu_ranges=ranges)
+                    absent_organs=absent, hu_ranges=ranges, tumor_contrast_hu=contrast,
+                    tumor_diameter_mm=diameter, label_agreement=agreement)

@@ -82,12 +82,55 @@ def scheduler_step(
     *,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Advance ``sample`` by one step and return the new sample (same shape (B, C, X, Y, Z))."""
+    """Advance ``sample`` by one step and return the new sample (same shape (B, C, X, Y, Z)).
+
+    DDPM's step noise comes from ``generator`` on the generator's own device (see :func:`ddpm_step`).
+    """
     if isinstance(scheduler, RFlowScheduler):
         new_sample, _ = scheduler.step(model_output, timestep, sample, next_timestep)
+        return new_sample
+    return ddpm_step(scheduler, model_output, int(timestep), sample, generator=generator)
+
+
+def ddpm_step(
+    scheduler: DDPMScheduler,
+    model_output: torch.Tensor,
+    timestep: int,
+    sample: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MONAI's ``DDPMScheduler.step`` (formulas 6, 7 and 15 of Ho et al. 2020) with the noise drawn apart.
+
+    MONAI draws the step noise with ``torch.randn(generator=..., device=model_output.device)``, which
+    fails for a CPU generator and CUDA tensors. Here the noise is drawn in fp32 on the generator's device
+    (the CPU, like the initial latents) and moved to the sample's, so a seed gives the same noise on
+    every device. Without a generator the noise comes from torch's global CPU generator.
+    """
+    if model_output.shape[1] == sample.shape[1] * 2 and scheduler.variance_type in ("learned", "learned_range"):
+        model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
     else:
-        new_sample, _ = scheduler.step(model_output, int(timestep), sample, generator=generator)
-    return new_sample
+        predicted_variance = None
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_prev = scheduler.alphas_cumprod[timestep - 1] if timestep > 0 else scheduler.one
+    beta_prod_t, beta_prod_prev = 1 - alpha_prod_t, 1 - alpha_prod_prev
+    if scheduler.prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+    elif scheduler.prediction_type == "sample":
+        x0 = model_output
+    else:  # v_prediction
+        x0 = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+    if scheduler.clip_sample:
+        x0 = torch.clamp(x0, scheduler.clip_sample_values[0], scheduler.clip_sample_values[1])
+    x0_coeff = alpha_prod_prev**0.5 * scheduler.betas[timestep] / beta_prod_t
+    sample_coeff = scheduler.alphas[timestep] ** 0.5 * beta_prod_prev / beta_prod_t
+    prev = x0_coeff * x0 + sample_coeff * sample
+    if timestep > 0:
+        noise_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(model_output.shape, generator=generator, dtype=torch.float32, device=noise_device)
+        std = scheduler._get_variance(timestep, predicted_variance=predicted_variance) ** 0.5
+        prev = prev + std * noise.to(device=model_output.device, dtype=model_output.dtype)
+    return prev
 
 
 def training_target(

@@ -408,10 +408,10 @@ def train_pipeline(
     cfg = training or TrainingConfig()
     dev = resolve_device(device)
     if isinstance(start, PipelineConfig):
-        pipe = MaisiPipeline.from_config(start, device=dev, init_seed=cfg.seed)
+        pipe = MaisiPipeline.from_config(start, device=dev, precision="fp32", init_seed=cfg.seed)
         init_from, fresh = f"preset:{start.name}", True
     else:
-        pipe = MaisiPipeline.from_pretrained(start, device=dev)
+        pipe = MaisiPipeline.from_pretrained(start, device=dev, precision="fp32")
         init_from, fresh = f"model:{pipe.config.name}@{pipe.model_digest}", False
     _check_corpus(pipe.config, cases)
     if not isinstance(pipe.config.scheduler, RFlowSchedulerConfig) and {"unet", "controlnet"} & set(cfg.stages):

@@ -78,3 +78,14 @@ def test_preview_rows_show_every_cohort():
     picked = preview_rows(rows, 4)
     assert [r["sample_id"] for r in picked] == ["d-a-00000", "d-b-00000", "d-c-00000", "d-a-00001"]
     assert preview_rows(rows, 0) == [] and preview_rows([], 3) == []
+
+
+def test_report_shows_tumour_contrast_per_cohort_and_in_captions(tmp_path):
+    cat = open_catalog(tmp_path)
+    cat.append_samples([write_case(tmp_path, i, tumor_label=26, tumor_contrast_hu=-30.0 - i,
+                                   tumor_diameter_mm=20.0 + i) for i in range(3)])
+    html = build_report_html(cat)
+    assert "contrast HU, median (range)" in html
+    assert "<td>test</td><td>1</td><td>-30 (-30 … -30)</td><td>20</td>" in html  # cases 1 and 2 are "train"
+    assert "<td>train</td><td>2</td><td>-32 (-32 … -31)</td><td>22</td>" in html
+    assert "tumour -30 HU against its host, 20 mm" in html

@@ -63,9 +63,10 @@ def test_image_only_path_and_modality_guidance(tiny_pipe):
     assert out.image_hu.shape == (32, 32, 48) and out.label_map is None
 
 
-def test_tumour_guidance_needs_a_tumour(tiny_pipe, label_map):
-    with pytest.raises(ConfigError, match=r"expects a tumour label in the mask for tumour guidance, but got guidance_scale=1.5"):
-        tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
+def test_tumour_guidance_runs_with_and_without_a_tumour(tiny_pipe, label_map):
+    # upstream runs guidance on any mask; without a tumour only the modality class differs (0)
+    out = tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
+    assert out.image_hu.shape == (32, 32, 32)
     lm = label_map.copy()
     lm[9:11, 9:11, 9:11] = 26
     out = tiny_pipe.generate(lm, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)

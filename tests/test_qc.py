@@ -41,7 +41,8 @@ def test_check_case_passes_a_plausible_phantom_and_records_absent_organs(case):
 
 def test_check_case_fails_a_shifted_liver_and_names_it(case):
     image, label = make_phantom(32, seed=1, hu_shift={1: 250.0})
-    result = qc.check_case(image, label)
+    assert [f.check for f in qc.check_case(image, label).failures] == ["organ_hu", "label_agreement"]
+    result = qc.check_case(image, label, agreement_check=False)
     assert not result.passed
     assert [f.organ for f in result.failures] == ["liver"]
     failure = result.failures[0]
@@ -107,9 +108,10 @@ def test_check_case_requires_expected_tumours(case):
     result = qc.check_case(image, label, expected_tumor_ids=[23])
     assert [(f.check, f.organ) for f in result.failures] == [("tumor", "lung tumor")]
     assert result.failures[0].message == "lung tumor: expected tumour label 23 is absent"
-    with_tumor = label.copy()
+    with_tumor, visible = label.copy(), image.copy()
     with_tumor[16, 16, 24] = 23
-    assert qc.check_case(image, with_tumor, expected_tumor_ids=[23]).passed
+    visible[16, 16, 24] = 20.0  # a solid nodule; at lung HU it would fail the contrast check (test_qc_tumor)
+    assert qc.check_case(visible, with_tumor, expected_tumor_ids=[23]).passed
     with pytest.raises(QCConfigError, match=r"check_case expects tumour label IDs from \[23, 24, 26, 27, 128\], "
                                             r"but got expected_tumor_ids=\[1\]"):
         qc.check_case(image, label, expected_tumor_ids=[1])
