@@ -3,13 +3,19 @@
 For ``--cases`` masks drawn with phantom seeds ``--seed-base + i`` (never used in training: the training
 corpus uses seeds ``seed * 1_000_003 + i`` with i < 1000), the model generates one 64³ CT at 6 mm, and:
 
-(a) QC pass rate with :func:`maisi_core.qc.check_case`;
+(a) QC pass rate with :func:`maisi_core.qc.check_case`, every check on (organ HU, orientation, tumour
+    visibility and size, label-image agreement);
 (b) per-organ mean absolute error of generated organ median HU against the intensity model's organ medians
     (:func:`maisi_core.intensity.tissue_hu_medians`), with the same error of the intensity model's own phantom
     CTs of those masks as a floor (bone's reference, the cortex/cancellous midpoint, is a poor one);
 (c) the FRD-style Fréchet distance (radiomics features, :func:`maisi_core.metrics.compute_frechet`) of generated
     volumes vs held-out phantom CTs (set A), next to two baselines measured in the same run: set A vs another
     held-out set B, and set A vs set A with Gaussian noise (sigma ``--noise-hu``).
+
+(d) on ``--tumor-cases`` further fresh masks that all hold a tumour (lung, hepatic, pancreatic: the types whose
+    contrast QC judges), the tumour-contrast pass rate and the median lesion contrast per type (tumour median
+    minus its host ring, :func:`maisi_core.qc_tumor.measure_tumor`), next to the intensity model's own CTs of the
+    same masks; previews cut through the tumour.
 
 Writes ``eval.json`` and preview PNGs (three orthogonal slices with label overlay) to ``--out``; with
 ``--loss-log`` also ``loss_curves.png`` from training ``loss_log.jsonl`` files (one row of panels per run).
@@ -30,14 +36,21 @@ import numpy as np
 import torch
 
 from maisi_core import MaisiPipeline, io, qc
-from maisi_core.intensity import tissue_hu_medians
+from maisi_core.intensity import synthesize_ct, tissue_hu_medians
+from maisi_core.labels import label_name
 from maisi_core.metrics import compute_frechet
+from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
+from maisi_core.qc_tumor import measure_tumor
 from maisi_core.training_data import generate_phantom_case
 
 REGIONS = (("chest", "abdomen"), ("chest",), ("abdomen",), ("abdomen", "lower"), ("lower",),
            ("chest", "abdomen", "lower"), ("head_neck", "chest"))
 TUMORS = {("chest",): 23, ("abdomen",): 26, ("chest", "abdomen"): 26, ("abdomen", "lower"): 24}
 SIZE, SPACING = (64, 64, 64), (6.0, 6.0, 6.0)
+TRAINING_TUMOR_MM = (10.0, 40.0)  # generate_phantom_case's diameter range
+# the tumour set: (regions, tumour ID, diameter range mm), cycled
+TUMOR_SET = ((("chest",), 23, (15.0, 30.0)), (("abdomen",), 26, (15.0, 35.0)),
+             (("chest", "abdomen"), 23, (15.0, 30.0)), (("abdomen",), 24, (15.0, 30.0)))
 
 
 def phantom_ct(seed: int, index: int):
@@ -46,6 +59,44 @@ def phantom_ct(seed: int, index: int):
     tumor = TUMORS.get(regions) if index % 3 == 0 else None
     case = generate_phantom_case(seed, output_size_vox=SIZE, spacing_mm=SPACING, regions=regions, tumor_id=tumor)
     return case.label_map, case.image * 2000.0 - 1000.0
+
+
+def tumor_ct(seed: int, index: int):
+    """Mask, intensity-model CT (HU), tumour ID and diameter range of tumour-set case ``index``."""
+    regions, tumor_id, size_mm = TUMOR_SET[index % len(TUMOR_SET)]
+    case = generate_phantom(PhantomConfig(regions, SIZE, SPACING, TumorSpec(tumor_id, size_mm)), seed=seed)
+    return case.label_map, case.affine, synthesize_ct(case.label_map, SPACING, seed=seed), tumor_id, size_mm
+
+
+def run_tumor_set(pipe, args) -> dict:
+    """Generate the tumour set; return its QC and contrast figures (and write previews through the tumours)."""
+    per_type: dict[str, dict[str, list]] = {}
+    passed, contrast_ok = [], []
+    for i in range(args.tumor_cases):
+        label_map, affine, phantom, tumor_id, size_mm = tumor_ct(args.seed_base + 300_000 + i, i)
+        out = pipe.generate(label_map, spacing_mm=SPACING, seed=i, num_inference_steps=args.steps)
+        result = qc.check_case(out.image_hu, label_map, affine=affine, expected_tumors={tumor_id: size_mm})
+        kinds = {f.check for f in result.failures}
+        passed.append(result.passed)
+        contrast_ok.append("tumor_contrast" not in kinds and "tumor" not in kinds)
+        name = label_name(tumor_id)
+        row = per_type.setdefault(name, {"generated": [], "phantom": [], "pass": []})
+        row["generated"].append(measure_tumor(out.image_hu, label_map, tumor_id, affine).contrast_hu)
+        row["phantom"].append(measure_tumor(phantom, label_map, tumor_id, affine).contrast_hu)
+        row["pass"].append(contrast_ok[-1])
+        if i < args.previews:
+            io.save_preview_png(out.image_hu, label_map, args.out / f"tumor_generated_{i:02d}.png")
+            io.save_preview_png(phantom, label_map, args.out / f"tumor_phantom_{i:02d}.png")
+        print(f"tumour case {i:2d} {name}: contrast {row['generated'][-1]:+.0f} HU "
+              f"(phantom {row['phantom'][-1]:+.0f}), qc {result.summary()}", flush=True)
+    return {
+        "cases": args.tumor_cases, "qc_pass_rate": float(np.mean(passed)) if passed else None,
+        "tumor_contrast_pass_rate": float(np.mean(contrast_ok)) if contrast_ok else None,
+        "per_type": {name: {"n": len(v["generated"]), "contrast_pass_rate": float(np.mean(v["pass"])),
+                            "median_contrast_hu_generated": float(np.nanmedian(v["generated"])),
+                            "median_contrast_hu_phantom": float(np.nanmedian(v["phantom"]))}
+                     for name, v in per_type.items()},
+    }
 
 
 def organ_reference_hu() -> dict[str, float]:
@@ -101,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--cases", type=int, default=50)
+    parser.add_argument("--tumor-cases", type=int, default=50, help="fresh masks that all hold a tumour")
     parser.add_argument("--seed-base", type=int, default=10_000_000)
     parser.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
     parser.add_argument("--noise-hu", type=float, default=30.0)
@@ -123,7 +175,8 @@ def main() -> None:
         t = time.perf_counter()
         out = pipe.generate(label_map, spacing_mm=SPACING, seed=i, num_inference_steps=args.steps)
         gen_s.append(time.perf_counter() - t)
-        result = qc.check_case(out.image_hu, label_map)
+        tumors = {int(t): TRAINING_TUMOR_MM for t in (23, 24, 26, 27, 128) if np.any(label_map == t)}
+        result = qc.check_case(out.image_hu, label_map, affine=out.affine, expected_tumors=tumors)
         labels.append(label_map)
         generated.append(out.image_hu)
         paired_phantoms.append(phantom)
@@ -133,6 +186,7 @@ def main() -> None:
             io.save_preview_png(phantom, label_map, args.out / f"phantom_{i:02d}.png")
         print(f"case {i:2d} {REGIONS[i % len(REGIONS)]}: {gen_s[-1]:.1f} s, qc {result.summary()}", flush=True)
 
+    tumor_report = run_tumor_set(pipe, args)
     set_a = [phantom_ct(args.seed_base + 100_000 + i, i)[1] for i in range(args.cases)]
     set_b = [phantom_ct(args.seed_base + 200_000 + i, i)[1] for i in range(args.cases)]
     rng = np.random.default_rng(0)
@@ -151,6 +205,7 @@ def main() -> None:
         "size_vox": SIZE, "spacing_mm": SPACING,
         "inference_steps": args.steps or pipe.config.scheduler.default_num_inference_steps,
         "qc_pass_rate": float(np.mean([r.passed for r in qc_results])), "qc_failures_by_organ": failures,
+        "tumor_set": tumor_report,
         "organ_mae_generated": organ_errors(generated, labels),
         "organ_mae_phantom_same_masks": organ_errors(paired_phantoms, labels),
         "frd": {k: {"mean": v.mean, "per_plane": v.per_plane, "label": v.label} for k, v in frd.items()},
@@ -158,7 +213,8 @@ def main() -> None:
         "threads": args.threads,
     }
     (args.out / "eval.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("qc_pass_rate", "qc_failures_by_organ", "seconds")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("qc_pass_rate", "qc_failures_by_organ", "tumor_set", "seconds")},
+                     indent=2))
     for name, block in (("generated", report["organ_mae_generated"]), ("phantom", report["organ_mae_phantom_same_masks"])):
         print(name, {o: round(v["mae_hu"], 1) for o, v in block.items()})
     print({k: round(v["mean"], 3) for k, v in report["frd"].items()})
