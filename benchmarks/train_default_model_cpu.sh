@@ -16,5 +16,5 @@ mkdir -p "$WORK"
 OMP_NUM_THREADS=1 "$CTF" models train --from default --out "$WORK/model" --device cpu --threads 1 --seed 3 \
     --phantom-cases 300 --tumor-probability 0.6 --tumor-loss-weight 30 \
     --steps-vae 1000 --steps-unet 1500 --steps-controlnet 2200 \
-    --lr-vae 5e-4 --lr-unet 2e-4 --lr-controlnet 2e-4 --checkpoint-every 200
+    --lr-vae 5e-4 --lr-unet 2e-4 --lr-controlnet 2e-4 --checkpoint-every 200 ${TRAIN_EXTRA:-}
 echo "model: $WORK/model"

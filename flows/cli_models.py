@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--lr-{stage}", type=float, default=None, help=f"peak learning rate of the {stage} (default {lr:g})")
     p.add_argument("--tumor-loss-weight", type=float, default=1.0,
                    help="extra loss weight of tumour (latent) voxels, times --roi-loss-weight (upstream: 100)")
+    p.add_argument("--thin-loss-weight", type=float, default=1.0,
+                   help="extra loss weight of thin structures (ribs, spinal cord, trachea, airway)")
     p.add_argument("--tumor-probability", type=float, default=0.3,
                    help="share of phantom corpus cases that get a tumour (without --data)")
     p.add_argument("--vae-decoder-only", action="store_true",
@@ -147,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
         steps_vae=args.steps_vae, steps_unet=args.steps_unet, steps_controlnet=args.steps_controlnet,
         roi_loss_weight=args.roi_loss_weight, tumor_loss_weight=args.tumor_loss_weight,
+        thin_loss_weight=args.thin_loss_weight,
         vae_decoder_only=args.vae_decoder_only,
         max_minutes=args.max_minutes, anneal_to_budget=args.anneal_to_budget, seed=args.seed,
         **{name: value for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every",

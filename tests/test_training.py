@@ -201,7 +201,8 @@ def test_cli_models_train_batch_patch_and_checkpoint_flags_reach_the_run(tmp_pat
                "--steps-controlnet", "1", "--phantom-cases", "2", "--device", "cpu", "--batch-vae", "3",
                "--batch-unet", "2", "--batch-controlnet", "1", "--vae-patch-vox", "16", "--checkpoint-every", "2",
                "--corpus-workers", "2", "--max-minutes", "30", "--anneal-to-budget", "--tumor-loss-weight", "25",
-               "--tumor-probability", "1", "--lr-vae", "2e-4", "--lr-controlnet", "1e-4"])
+               "--tumor-probability", "1", "--lr-vae", "2e-4", "--lr-controlnet", "1e-4",
+               "--thin-loss-weight", "4"])
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "model_index.json").read_text())["training"]["config"]
     assert config["anneal_to_budget"] is True and config["max_minutes"] == 30
@@ -209,6 +210,7 @@ def test_cli_models_train_batch_patch_and_checkpoint_flags_reach_the_run(tmp_pat
     assert (config["vae_patch_vox"], config["checkpoint_every"]) == (16, 2)
     assert (config["tumor_loss_weight"], config["lr_vae"], config["lr_unet"], config["lr_controlnet"]) == (
         25.0, 2e-4, 5e-4, 1e-4)
+    assert config["thin_loss_weight"] == 4.0
     rc = main(["models", "train", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--vae-patch-vox", "0"])
     assert rc == 2 and "TrainingConfig expects vae_patch_vox >= 1, but got vae_patch_vox=0." in capsys.readouterr().err
 
@@ -282,6 +284,9 @@ def test_tumor_loss_weight_weights_latent_voxels_covering_a_tumour():
     assert float(w[0, 0, 0, 0, 0]) == 2.0 and float(w[0, 0, 1, 1, 1]) == 60.0 and float(w[0, 0, 1, 0, 0]) == 1.0
     w = _roi_weights(lab, 1, 1.0, 30.0)  # VAE: per voxel
     assert float(w[0, 0, 5, 5, 5]) == 30.0 and float(w.sum()) == 511 + 30
+    lab[0, 7, 0, 0] = 121  # spinal cord, a thin structure: latent voxel (1, 0, 0)
+    w = _roi_weights(lab, 4, 1.0, 1.0, 10.0)
+    assert float(w[0, 0, 1, 0, 0]) == 10.0 and float(w[0, 0, 1, 1, 1]) == 1.0
 
 
 def test_train_pipeline_refuses_mixed_shapes(tmp_path, tiny_cases):
