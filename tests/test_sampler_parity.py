@@ -13,6 +13,7 @@ from maisi_core.config import DDPMSchedulerConfig
 from maisi_core.decoding import DECODE_PRESETS, decode_latents
 from maisi_core.pipeline import Conditioning, resolve_precision
 from maisi_core.schedulers import build_scheduler, plan_timesteps, scheduler_step
+from test_pipeline import _tiny_ddpm
 
 SPACING = (1.5, 1.5, 1.5)
 
@@ -27,14 +28,6 @@ def _cond(pipe: MaisiPipeline, modality: int = 1) -> Conditioning:
     return pipe.prepare_conditioning(SPACING, modality=modality)
 
 
-def _tiny_ddpm():
-    t = presets.tiny()
-    return t.replace(
-        name="tiny_ddpm", conditioning="body_region", scheduler=DDPMSchedulerConfig(),
-        unet=t.unet.replace(num_class_embeds=None, include_top_region_index_input=True,
-                            include_bottom_region_index_input=True),
-        controlnet=t.controlnet.replace(num_class_embeds=None),
-    )
 
 
 # -- 1. classifier-free guidance ------------------------------------------------------------------
