@@ -254,6 +254,14 @@ def radiological_slices(volume: np.ndarray, center_vox: Sequence[int]) -> dict[s
     return out
 
 
+def _edge_letters(ax, letters: Sequence[str]) -> None:
+    """Write the orientation letters (left, right, bottom, top) on the edges of a view."""
+    for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
+                                      (0.5, 0.02, "center", "bottom"), (0.5, 0.98, "center", "top")),
+                                     letters, strict=True):
+        ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=9, weight="bold")
+
+
 def save_preview_png(
     image_hu: np.ndarray,
     label_map: np.ndarray | None,
@@ -264,7 +272,7 @@ def save_preview_png(
     alpha: float = 0.35,
     dpi: int = 80,
 ) -> None:
-    """Save axial, coronal and sagittal slices with an optional label overlay as PNG, in radiological display.
+    """Save axial, coronal and sagittal slices as PNG in radiological display, then again under the labels.
 
     The arrays are in RAS axis order (as every volume the factory writes: +x the patient's right). The
     slices are shown as a radiologist reads them, with orientation letters on their edges: the patient's
@@ -296,23 +304,23 @@ def save_preview_png(
         raise ImageError(
             f"save_preview_png expects center_vox inside the volume {img.shape}, but got center_vox={center_vox!r}."
         )
-    fig = Figure(figsize=(9, 3.2), dpi=dpi)
+    rows = 1 if lab is None else 2  # with a label map: the image alone, then the image under the labels
+    fig = Figure(figsize=(9, 3.2 * rows), dpi=dpi)
     FigureCanvasAgg(fig)
     images = radiological_slices(img, center)
     overlays = radiological_slices(lab, center) if lab is not None else {}
-    for k, (title, fixed, _, _, letters) in enumerate(_VIEWS):
-        ax = fig.add_subplot(1, 3, k + 1)
-        ax.imshow(images[title], cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower")
-        if lab is not None:
-            sl = overlays[title]
-            overlay = np.ma.masked_where((sl == 0) | (sl == labels.BODY_ID), sl % 20)
-            ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=alpha, origin="lower", interpolation="nearest")
-        for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
-                                          (0.5, 0.02, "center", "bottom"), (0.5, 0.98, "center", "top")),
-                                         letters, strict=True):
-            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=9, weight="bold")
-        ax.set_title(f"{title} ({'ijk'[fixed]}={center[fixed]})", fontsize=9)
-        ax.axis("off")
+    for row in range(rows):
+        for k, (title, fixed, _, _, letters) in enumerate(_VIEWS):
+            ax = fig.add_subplot(rows, 3, 3 * row + k + 1)
+            ax.imshow(images[title], cmap="gray", vmin=window_hu[0], vmax=window_hu[1], origin="lower")
+            if row == 1:
+                sl = overlays[title]
+                overlay = np.ma.masked_where((sl == 0) | (sl == labels.BODY_ID), sl % 20)
+                ax.imshow(overlay, cmap="tab20", vmin=0, vmax=19, alpha=alpha, origin="lower",
+                          interpolation="nearest")
+            _edge_letters(ax, letters)
+            ax.set_title(f"{title} ({'ijk'[fixed]}={center[fixed]}){', labels' if row == 1 else ''}", fontsize=9)
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path_or_buffer, format="png")
 
