@@ -11,13 +11,19 @@ the spec's ``runtime.generator``:
 * ``maisi`` (default): the spec's model through :func:`flows.models.load_pipeline` (cached per process).
 * ``sleep:SECONDS``: :class:`SleepGenerator`, a stub that sleeps and returns a flat 40 HU body; it
   measures orchestration overhead (``benchmarks/bench_orchestration.py``).
-* ``package.module:factory``: any callable ``factory(model_ref, device, decode_preset) -> CaseGenerator``.
+* a name that an installed package registers in the ``ctfactory.generators`` entry-point group
+  (``[project.entry-points."ctfactory.generators"] my_model = "my_pkg.gen:factory"``), whose target is
+  ``factory(model_ref, device, decode_preset) -> CaseGenerator``.
+
+The registry is closed: a spec names a generator, it never names code. A dotted path such as
+``shutil:rmtree`` typed into a spec is refused when the spec is parsed (issue 11).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import re
+from importlib.metadata import entry_points
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -106,29 +112,57 @@ def _pipeline_lock(pipeline: Any) -> threading.Lock:
         return _locks.setdefault(id(pipeline), threading.Lock())
 
 
+GENERATOR_ENTRY_POINTS = "ctfactory.generators"
+_SLEEP = re.compile(r"^sleep:(\d+(\.\d*)?|\.\d+)$")
+
+
+def registered_generators() -> dict[str, Any]:
+    """Generator name -> entry point, for the names installed packages register (``ctfactory.generators``)."""
+    return {ep.name: ep for ep in entry_points(group=GENERATOR_ENTRY_POINTS)}
+
+
+def check_generator_name(name: str) -> str:
+    """Return ``name`` when it is ``maisi``, ``sleep:SECONDS`` or a registered generator, else raise.
+
+    Raises:
+        ModelRefError: anything else, a ``module:function`` path in particular (a spec never names code).
+    """
+    from flows.errors import ModelRefError
+    from maisi_core.errors import did_you_mean
+
+    registered = registered_generators()
+    if name == "maisi" or _SLEEP.match(name) or name in registered:
+        return name
+    allowed = ["maisi", "sleep:SECONDS", *sorted(registered)]
+    hint = ""
+    if name.startswith("sleep:"):
+        hint = " The stub takes seconds as a non-negative number, e.g. sleep:0.5."
+    elif ":" in name:
+        hint = (" A spec names a registered generator, never code: register a factory in the "
+                f"{GENERATOR_ENTRY_POINTS!r} entry-point group of an installed package.")
+    raise ModelRefError(f"runtime.generator expects one of {allowed}, but got generator={name!r}."
+                        f"{did_you_mean(name, ['maisi', *registered])}{hint}")
+
+
 def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset: str | None = None,
                   precision: str = "auto") -> CaseGenerator:
     """Resolve ``runtime.generator`` (see the module docstring) to a generator for ``model_ref``.
 
-    ``precision`` reaches the ``maisi`` generator only; a ``module:factory`` picks its own.
+    ``precision`` reaches the ``maisi`` generator only; a registered generator picks its own.
+
+    Raises:
+        ModelRefError: a name outside the closed registry (:func:`check_generator_name`).
     """
-    from flows.errors import ModelRefError
     from flows.models import load_pipeline, model_name
 
+    check_generator_name(name)
     if name == "maisi":
         pipeline = load_pipeline(model_ref, device, decode_preset=decode_preset, precision=precision)
         return PipelineGenerator(pipeline, model_name(model_ref))
     if name.startswith("sleep:"):
-        try:
-            return SleepGenerator(float(name.split(":", 1)[1]))
-        except ValueError:
-            pass
-    elif ":" in name:
-        module, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-        return factory(model_ref, device, decode_preset)
-    raise ModelRefError(f"get_generator expects 'maisi', 'sleep:SECONDS' or 'module:factory', but got "
-                        f"generator={name!r}.")
+        return SleepGenerator(float(name.split(":", 1)[1]))
+    factory = registered_generators()[name].load()
+    return factory(model_ref, device, decode_preset)
 
 
 # -- masks ------------------------------------------------------------------------------------------

@@ -258,8 +258,21 @@ class Runtime(_Strict):
     decode_preset: Literal["auto", "16g", "24g", "32g", "80g"] | None = None
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")
-    generator: str = Field("maisi", description="case generator (flows.case.GENERATORS): 'maisi', "
-                                                "'sleep:SECONDS' (benchmark stub) or 'module:factory'")
+    generator: str = Field("maisi", max_length=200,
+                           description="case generator from a closed registry: 'maisi', 'sleep:SECONDS' "
+                                       "(benchmark stub) or a name an installed package registers in the "
+                                       "'ctfactory.generators' entry-point group; never a code path")
+
+    @field_validator("generator")
+    @classmethod
+    def _registered_generator(cls, value: str) -> str:
+        from flows.case import check_generator_name
+        from flows.errors import ModelRefError
+
+        try:
+            return check_generator_name(value)
+        except ModelRefError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class DatasetSpec(_Strict):

@@ -139,8 +139,8 @@ def test_run_case_mask_failure_retries_then_fails(tmp_path):
 def test_get_generator_rejects_unknown():
     from flows.errors import ModelRefError
 
-    with pytest.raises(ModelRefError, match=r"get_generator expects 'maisi', 'sleep:SECONDS' or 'module:factory', "
-                                            r"but got generator='sleep:x'\."):
+    with pytest.raises(ModelRefError, match=r"^runtime\.generator expects one of \['maisi', 'sleep:SECONDS'\], "
+                                            r"but got generator='sleep:x'\. The stub takes seconds as a non-negative number"):
         get_generator("sleep:x", "preset:tiny")
 
 

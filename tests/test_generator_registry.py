@@ -1,0 +1,70 @@
+"""A spec names generators from a closed registry and never names code (issue 11, item 1)."""
+
+from __future__ import annotations
+
+import shutil
+from importlib.metadata import EntryPoint
+
+import pytest
+
+import flows.case
+from flows.case import SleepGenerator, check_generator_name, get_generator
+from flows.errors import ModelRefError, SpecError
+from flows.spec import parse_spec
+
+SPEC = """\
+name: reg
+version: "1"
+model: preset:tiny
+output_root: {root}
+cohorts:
+  - name: c
+    count: 1
+    body_region: chest
+    output_size: [32, 32, 32]
+    spacing_mm: [8, 8, 8]
+runtime: {{generator: "{generator}"}}
+"""
+
+
+def make_test_generator(model_ref, device, decode_preset):
+    """A registered factory for the tests: a zero-second stub."""
+    return SleepGenerator(0.0)
+
+
+def test_a_spec_naming_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    called = []
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: called.append(a))
+    with pytest.raises(SpecError, match=r"runtime\.generator: runtime\.generator expects one of \['maisi', "
+                                        r"'sleep:SECONDS'\], but got generator='shutil:rmtree'\. A spec names a "
+                                        r"registered generator, never code"):
+        parse_spec(SPEC.format(root=tmp_path / "out", generator="shutil:rmtree"))
+    with pytest.raises(ModelRefError, match=r"but got generator='shutil:rmtree'"):
+        get_generator("shutil:rmtree", str(victim))
+    assert called == [] and victim.is_dir()
+
+
+@pytest.mark.parametrize("name", ["os:system", "flows.case:SleepGenerator", "sleep:", "sleep:-1", "sleep:1e9x",
+                                  "maisi ", ""])
+def test_generator_names_outside_the_registry_are_refused(name):
+    with pytest.raises(ModelRefError, match=r"^runtime\.generator expects one of"):
+        check_generator_name(name)
+
+
+def test_builtin_names_pass():
+    assert check_generator_name("maisi") == "maisi"
+    assert check_generator_name("sleep:0.5") == "sleep:0.5"
+    assert parse_spec(SPEC.format(root="/tmp/x", generator="sleep:0")).runtime.generator == "sleep:0"
+
+
+def test_a_registered_entry_point_generator_is_allowed(monkeypatch):
+    ep = EntryPoint(name="stub", value="test_generator_registry:make_test_generator", group="ctfactory.generators")
+    monkeypatch.setattr(flows.case, "registered_generators", lambda: {"stub": ep})
+    assert parse_spec(SPEC.format(root="/tmp/x", generator="stub")).runtime.generator == "stub"
+    gen = get_generator("stub", "preset:tiny")
+    assert isinstance(gen, SleepGenerator)
+    with pytest.raises(ModelRefError, match=r"expects one of \['maisi', 'sleep:SECONDS', 'stub'\], but got "
+                                            r"generator='stubb'\. Did you mean 'stub'\?"):
+        check_generator_name("stubb")
