@@ -181,18 +181,41 @@ def read_index(path: str | Path) -> dict[str, Any]:
     return index
 
 
+def model_file(root: Path, rel: Any) -> Path:
+    """Return the file ``rel`` of a model directory, refusing a path (or a link) that leaves the directory.
+
+    Raises:
+        WeightsError: ``rel`` is not a relative path inside ``root`` once links are resolved.
+    """
+    base = Path(root).resolve()
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or "\x00" in rel:
+        raise WeightsError(f"load_model_dir expects file paths relative to the model directory, but got file={rel!r}.")
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise WeightsError(
+            f"load_model_dir expects every file of {INDEX_NAME} inside the model directory, but got file={rel!r} "
+            "(it resolves outside it). Model directories never point elsewhere; re-save or re-convert the model."
+        )
+    return target
+
+
 def verify_model_dir(path: str | Path) -> dict[str, Any]:
     """Check every file of a model directory exists and matches its recorded sha256; return the index."""
     root = resolve_model_path(path)
     index = read_index(root)
     files = index.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise WeightsError(f"load_model_dir expects 'files' in {INDEX_NAME} to map paths to sha256 strings, "
+                           f"but got files of type {type(files).__name__}.")
+    for rel in files:
+        model_file(root, rel)
     for comp in COMPONENTS:
         for fname in ("config.json", WEIGHTS_NAME):
             rel = f"{comp}/{fname}"
             if rel not in files:
                 raise WeightsError(f"load_model_dir expects {INDEX_NAME} to list {rel}, but got files={sorted(files)}.")
     for rel, expected in files.items():
-        file = root / rel
+        file = model_file(root, rel)
         if not file.is_file():
             raise WeightsNotFoundError(
                 f"load_model_dir expects the file {rel} listed in {INDEX_NAME}, but got a missing file at {file}."
@@ -211,12 +234,21 @@ def verify_model_dir(path: str | Path) -> dict[str, Any]:
 def _config_from(root: Path, index: dict[str, Any]) -> PipelineConfig:
     parts = {}
     for comp in COMPONENTS:
-        file = root / comp / "config.json"
+        file = model_file(root, f"{comp}/config.json")
         if not file.is_file():
             raise WeightsNotFoundError(
                 f"load_model_dir expects {comp}/config.json in the model directory, but got a missing file at {file}."
             )
-        parts[comp] = json.loads(file.read_text())
+        try:
+            parts[comp] = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WeightsError(f"load_model_dir expects {comp}/config.json to be JSON, but got {exc}.") from None
+    for key in ("pipeline_config", "scale_factor"):
+        if key not in index:
+            raise WeightsError(f"load_model_dir expects {INDEX_NAME} to hold {key!r}, but got keys={sorted(index)}.")
+    if not isinstance(index["pipeline_config"], dict):
+        raise WeightsError(f"load_model_dir expects 'pipeline_config' in {INDEX_NAME} to be an object, but got "
+                           f"{type(index['pipeline_config']).__name__}.")
     config = PipelineConfig.from_dict({**index["pipeline_config"], **parts})
     return config.replace(scale_factor=float(index["scale_factor"]))
 
@@ -235,7 +267,7 @@ def load_model_dir(path: str | Path, *, device: torch.device | str = "cpu") -> L
     modules: dict[str, torch.nn.Module] = {}
     for comp in COMPONENTS:
         module = _BUILDERS[comp](getattr(config, comp), "cpu")
-        state = load_file(str(root / comp / WEIGHTS_NAME), device="cpu")
+        state = load_file(str(model_file(root, f"{comp}/{WEIGHTS_NAME}")), device="cpu")
         load_state_strict(module, state, who=f"load_model_dir[{comp}]")
         modules[comp] = module.to(device).eval()
     return LoadedModel(config=config, scale_factor=config.scale_factor, digest=index["digest"],

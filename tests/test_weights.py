@@ -148,3 +148,56 @@ def test_state_digest_identifies_weights(tiny_pipe):
     assert state_digest(mods) == state_digest(dict(mods))
     assert len(state_digest(mods)) == 64
     assert state_digest(mods) != state_digest({"vae": other.vae, "unet": other.unet, "controlnet": other.controlnet})
+
+
+def _edit_index(path, **changes):
+    index = json.loads((path / "model_index.json").read_text())
+    index.update(changes)
+    (path / "model_index.json").write_text(json.dumps(index))
+    return index
+
+
+def test_index_path_outside_the_model_directory_is_refused_unread(saved, tmp_path):
+    path, _ = saved
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a model file")
+    index = json.loads((path / "model_index.json").read_text())
+    files = dict(index["files"], **{"../secret.txt": "0" * 64})
+    _edit_index(path, files=files)
+    with pytest.raises(WeightsError, match=r"^load_model_dir expects every file of model_index.json inside the model "
+                                           r"directory, but got file='\.\./secret\.txt' \(it resolves outside it\)"):
+        MaisiPipeline.from_pretrained(path, device="cpu")
+    _edit_index(path, files=dict(index["files"], **{str(secret): "0" * 64}))
+    with pytest.raises(WeightsError, match=r"expects file paths relative to the model directory, but got file='/"):
+        MaisiPipeline.from_pretrained(path, device="cpu")
+
+
+def test_symlinked_config_leaving_the_directory_is_refused(saved, tmp_path):
+    path, _ = saved
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((path / "vae" / "config.json").read_text())
+    (path / "vae" / "config.json").unlink()
+    (path / "vae" / "config.json").symlink_to(outside)
+    with pytest.raises(WeightsError, match=r"expects every file of model_index.json inside the model directory, but "
+                                           r"got file='vae/config.json'"):
+        MaisiPipeline.from_pretrained(path, device="cpu")
+
+
+def test_malformed_index_gives_one_line_errors(saved):
+    path, _ = saved
+    index = _edit_index(path, files=["vae/config.json"])
+    with pytest.raises(WeightsError, match=r"expects 'files' in model_index.json to map paths to sha256 strings, "
+                                           r"but got files of type list\."):
+        MaisiPipeline.from_pretrained(path, device="cpu")
+    index.pop("pipeline_config")
+    (path / "model_index.json").write_text(json.dumps({**index, "files": json.loads(json.dumps(read_files(path)))}))
+    with pytest.raises(WeightsError, match=r"expects model_index.json to hold 'pipeline_config', but got keys="):
+        MaisiPipeline.from_pretrained(path, device="cpu")
+
+
+def read_files(path):
+    """The sha256 of each model file as save_pretrained records them."""
+    from maisi_core.weights import sha256_file
+
+    return {f"{c}/{f}": sha256_file(path / c / f) for c in ("vae", "unet", "controlnet")
+            for f in ("config.json", "model.safetensors")}
