@@ -352,7 +352,17 @@ def load_spec(path: str | Path) -> DatasetSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"load_spec expects an existing YAML file, but got path={str(path)!r}.")
-    return parse_spec(p.read_text(encoding="utf-8"), source=str(path))
+    from flows.spec_source import MAX_SPEC_BYTES
+
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"load_spec expects a spec file of at most {MAX_SPEC_BYTES} bytes, but got "
+                        f"size={p.stat().st_size} for path={str(path)!r}.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"load_spec expects UTF-8 text, but got an undecodable byte at offset {exc.start} "
+                        f"of path={str(path)!r}.") from None
+    return parse_spec(text, source=str(path))
 
 
 def parse_spec(text: str, *, source: str = "<string>") -> DatasetSpec:

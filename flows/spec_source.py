@@ -4,6 +4,11 @@
 gets its 1-based line number, and duplicate keys (which plain YAML loaders silently merge) become
 issues. Validation errors from pydantic are turned into :class:`flows.errors.SpecIssue` lines that
 name the file, the YAML path and the line.
+
+Loading is bounded (issue 11): at most :data:`MAX_SPEC_BYTES` of text, :data:`MAX_DEPTH` levels of
+nesting and :data:`MAX_NODES` nodes counted with every alias expanded, so a "billion laughs" spec or
+100,000 nested brackets is one located error, not gigabytes or a RecursionError. The source-map walk
+visits each expanded node once, so its cost is bounded by the same budget.
 """
 
 from __future__ import annotations
@@ -18,6 +23,17 @@ import yaml
 from flows.errors import SpecIssue
 
 Path_ = tuple[str | int, ...]
+MAX_SPEC_BYTES = 1_000_000  # a real spec is a few KB
+MAX_NODES = 100_000  # YAML nodes with aliases expanded (a cohort is about 30)
+MAX_DEPTH = 64  # nesting levels
+
+
+class _TooLarge(Exception):
+    """Raised inside the walk when the spec exceeds a budget; carries the issue."""
+
+    def __init__(self, issue: SpecIssue) -> None:
+        super().__init__(issue.message)
+        self.issue = issue
 
 
 class LineLoader(yaml.SafeLoader):
@@ -57,8 +73,17 @@ def format_path(path: Iterable[str | int]) -> str:
     return out
 
 
-def _walk(node: yaml.Node, path: Path_, smap: SourceMap, issues: list[SpecIssue]) -> None:
-    smap.lines.setdefault(path, node.start_mark.line + 1)
+def _walk(node: yaml.Node, path: Path_, smap: SourceMap, issues: list[SpecIssue], budget: list[int]) -> None:
+    budget[0] -= 1
+    line = node.start_mark.line + 1
+    if budget[0] < 0:
+        raise _TooLarge(SpecIssue(format_path(path), f"DatasetSpec expects at most {MAX_NODES} YAML nodes with "
+                                  f"aliases expanded, but got more (at line {line}). Remove the anchors/aliases "
+                                  "that repeat large blocks.", smap.source, line))
+    if len(path) > MAX_DEPTH:
+        raise _TooLarge(SpecIssue(format_path(path[:8]) + "...", f"DatasetSpec expects at most {MAX_DEPTH} levels "
+                                  f"of nesting, but got more (at line {line}).", smap.source, line))
+    smap.lines.setdefault(path, line)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -73,30 +98,48 @@ def _walk(node: yaml.Node, path: Path_, smap: SourceMap, issues: list[SpecIssue]
                 continue
             seen[key] = line
             smap.lines[(*path, key)] = line
-            _walk(value_node, (*path, key), smap, issues)
+            _walk(value_node, (*path, key), smap, issues, budget)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             smap.lines[(*path, i)] = item.start_mark.line + 1
-            _walk(item, (*path, i), smap, issues)
+            _walk(item, (*path, i), smap, issues, budget)
+
+
+def _unreadable(exc: yaml.YAMLError, source: str) -> SpecIssue:
+    return SpecIssue("", f"DatasetSpec expects printable UTF-8 text, but got {' '.join(str(exc).split())}.",
+                     source, None)
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, SourceMap, list[SpecIssue]]:
     """Parse YAML text safely; return (data, source map, issues such as duplicate keys or syntax errors)."""
     smap = SourceMap(source=source)
-    loader = LineLoader(text)
+    if len(text) > MAX_SPEC_BYTES:
+        return None, smap, [SpecIssue("", f"DatasetSpec expects a spec of at most {MAX_SPEC_BYTES} characters, but "
+                                          f"got {len(text)}.", source, None)]
+    try:
+        loader = LineLoader(text)
+    except yaml.YAMLError as exc:  # ReaderError: control characters or NUL
+        return None, smap, [_unreadable(exc, source)]
     try:
         node = loader.get_single_node()
         if node is None:
             return None, smap, [SpecIssue("", "DatasetSpec expects a YAML mapping, but got an empty "
                                               "document.", source, 1)]
         issues: list[SpecIssue] = []
-        _walk(node, (), smap, issues)
+        _walk(node, (), smap, issues, [MAX_NODES])
         data = loader.construct_document(node)
+    except _TooLarge as exc:
+        return None, smap, [exc.issue]
+    except RecursionError:
+        return None, smap, [SpecIssue("", f"DatasetSpec expects at most {MAX_DEPTH} levels of nesting, but got "
+                                          "far more (the YAML parser gave up).", source, None)]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         return None, smap, [SpecIssue("", f"DatasetSpec expects valid YAML, but got a syntax error: "
                                           f"{exc.problem or exc}.", source, line)]
+    except yaml.YAMLError as exc:  # ReaderError: control characters, NUL, undecodable bytes
+        return None, smap, [_unreadable(exc, source)]
     finally:
         loader.dispose()
     return data, smap, issues
