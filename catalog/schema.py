@@ -84,7 +84,7 @@ DATASETS_SCHEMA = pa.schema([
 ])
 
 # Columns that do not take part in the "same content" check of an idempotent re-commit.
-VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at"})
+VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at", "timings_s"})  # measured, not content
 METRIC_PREFIXES: tuple[str, ...] = ("fd_", "metric_", "diversity_", "memorisation_")
 
 

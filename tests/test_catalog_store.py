@@ -52,6 +52,17 @@ def test_append_samples_adds_only_new_rows_of_a_partly_committed_batch(tmp_path)
     assert sorted(cat.read_table()["sample_id"].to_pylist()) == [f"case_000{i}" for i in range(4)]
 
 
+def test_append_samples_same_record_with_other_timings_is_a_no_op(tmp_path):
+    """Two runs of one spec on one root: the second commits the same case measured at another speed (issue 11)."""
+    cat = open_catalog(tmp_path)
+    version = cat.append_samples([make_record(i, timings_s={"generate": 1.0}) for i in range(2)])
+    assert cat.append_samples([make_record(1, timings_s={"generate": 9.5, "qc": 0.1})]) == version
+    rows = cat.read_table().to_pylist()
+    assert len(rows) == 2 and dict(rows[1]["timings_s"]) in ({"generate": 1.0}, {"generate": 9.5, "qc": 0.1})
+    with pytest.raises(RecordExistsError, match=r"sample_id='case_0001' with different image_sha256\."):
+        cat.append_samples([make_record(1, image_sha256="f" * 64, timings_s={"generate": 2.0})])
+
+
 def test_append_samples_changed_row_raises_record_exists(tmp_path):
     cat = open_catalog(tmp_path)
     cat.append_samples([make_record(i) for i in range(3)])
