@@ -1,7 +1,7 @@
 """Exports of a dataset version: nnU-Net v2, MSD/MONAI datalist, and Croissant JSON-LD.
 
-Only passing samples are exported. Files are copied (hard-linked when source and destination are
-on the same local filesystem), never moved. An export refuses to write into a non-empty
+Only passing samples are exported. Files are copied, never moved and never hard-linked: an export
+is the user's to edit, and a hard link would let an edit change the catalog's own file (issue 11). An export refuses to write into a non-empty
 destination unless ``overwrite=True``.
 """
 
@@ -11,7 +11,6 @@ import dataclasses
 import gzip
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -90,16 +89,12 @@ def case_name(sample_id: str) -> str:
 
 
 def _place(catalog: Catalog, uri: str, target: Path) -> None:
-    """Hard-link ``uri`` to ``target`` on the same local filesystem, else copy it."""
+    """Copy ``uri`` to ``target`` (an independent file: editing it never touches the catalog's)."""
     source = _fs.resolve_uri(catalog.root_uri, uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not _fs.is_remote(source):
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            shutil.copy2(source, target)
-            return
+        shutil.copy2(source, target)
+        return
     fs, path = _fs.filesystem(source, catalog.storage_options)
     fs.get(path, str(target))
 

@@ -42,9 +42,15 @@ def test_export_nnunet_layout_and_consecutive_labels(root, tmp_path):
     assert sorted(np.unique(remapped).tolist()) == [0, 1, 3, 4]
     lut = {0: 0, 1: 1, 26: 3, 200: 4}
     assert np.array_equal(remapped, np.vectorize(lut.get)(original))
-    # Images are linked or copied with identical bytes; the source stays in place.
+    # Images are copied with identical bytes; the source stays in place, and an edit of the export stays there.
     src = root / "images" / "case_0000.nii.gz"
-    assert src.exists() and (folder / "imagesTr" / "case_0000_0000.nii.gz").read_bytes() == src.read_bytes()
+    exported = folder / "imagesTr" / "case_0000_0000.nii.gz"
+    assert src.exists() and exported.read_bytes() == src.read_bytes()
+    assert exported.stat().st_ino != src.stat().st_ino and src.stat().st_nlink == 1
+    before = src.read_bytes()
+    with exported.open("ab") as fh:
+        fh.write(b"edited")
+    assert src.read_bytes() == before
 
 
 def test_export_refuses_non_empty_destination_unless_overwrite(root, tmp_path):
