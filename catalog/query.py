@@ -122,6 +122,9 @@ def _samples_dataset(catalog: Catalog, as_of: int | None):
 def query_sql(catalog: Catalog, statement: str, *, as_of: int | None = None) -> pa.Table:
     """Run a DuckDB SQL statement where ``samples`` and ``datasets`` are the catalog tables.
 
+    The statement runs in a sandbox: it sees the two tables only, with no access to local files or the
+    network (``enable_external_access`` off and the configuration locked).
+
     Args:
         catalog: The catalog to read.
         statement: SQL text, e.g. ``"SELECT body_region, count(*) FROM samples GROUP BY 1"``.
@@ -139,6 +142,10 @@ def query_sql(catalog: Catalog, statement: str, *, as_of: int | None = None) -> 
     try:
         con.register("samples", samples)
         con.register("datasets", datasets)
+        # a sandbox: no file or network access beyond the two registered tables (no read_csv('/etc/..'),
+        # no COPY ... TO, no ATTACH, no extension loading), and the statement cannot switch it back on
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         relation = con.sql(statement)
         return pa.table({}) if relation is None else relation.to_arrow_table()
     except duckdb.Error as exc:

@@ -71,3 +71,20 @@ def test_cli_export_and_refusal(root, tmp_path, capsys):
     assert "exported 3 cases of version 1 as nnunet" in capsys.readouterr().out
     assert main(["catalog", "export", str(root), "--format", "nnunet", "--dest", str(dest)]) == 2
     assert "expects an empty or new destination" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT * FROM read_csv('/etc/hostname')",
+    "COPY (SELECT 1) TO '{root}/leak.csv'",
+    "ATTACH '{root}/other.db'",
+    "SET enable_external_access = true",
+    "INSTALL httpfs",
+])
+def test_cli_query_sql_is_sandboxed(root, capsys, statement):
+    """--sql sees the two catalog tables only: no local files, no writes, no way to lift the sandbox (issue 11)."""
+    before = sorted(p.name for p in root.iterdir())
+    assert main(["catalog", "query", str(root), "--sql", statement.format(root=root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctfactory catalog: query_sql expects valid DuckDB SQL") and err.count("\n") == 1
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert main(["catalog", "query", str(root), "--sql", "SELECT count(*) AS n FROM samples", "--format", "json"]) == 0
