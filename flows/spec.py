@@ -182,7 +182,7 @@ class Cohort(_Strict):
     """A group of cases sharing region, pathology, geometry and mask source."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    count: int = Field(ge=1, le=1_000_000)
+    count: int = Field(ge=1, le=1_000_000, strict=True)  # strict: `count: true` is not 1
     body_region: Annotated[list[str], BeforeValidator(_as_region_list, json_schema_input_type=str | list[str])]
     pathology: Annotated[Tumor | None, BeforeValidator(_none_pathology, json_schema_input_type=Literal["none"] | dict)] = None
     output_size: tuple[int, int, int] | None = Field(None, description="(x, y, z) voxels; region default if absent")
@@ -240,9 +240,27 @@ class Schedule(_Strict):
         if (self.cron is None) == (self.interval_minutes is None):
             raise ValueError(f"Schedule expects exactly one of cron or interval_minutes, but got "
                              f"cron={self.cron!r}, interval_minutes={self.interval_minutes!r}.")
-        if self.cron is not None and len(self.cron.split()) != 5:
-            raise ValueError(f"Schedule expects a five-field cron expression (minute hour day month weekday), "
-                             f"but got cron={self.cron!r}. Example: \"0 2 * * *\".")
+        if self.cron is not None:
+            from datetime import datetime
+
+            from cronsim import CronSim, CronSimError  # Prefect's own cron parser
+
+            problem = "" if len(self.cron.split()) == 5 else "not five fields"
+            if not problem:
+                try:
+                    CronSim(self.cron, datetime(2026, 1, 1))
+                except CronSimError as exc:
+                    problem = str(exc).lower()
+            if problem:
+                raise ValueError(f"Schedule expects a five-field cron expression (minute hour day month weekday), "
+                                 f"but got cron={self.cron!r} ({problem}). Example: \"0 2 * * *\".")
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"Schedule expects an IANA timezone such as 'UTC' or 'Europe/Berlin', but got "
+                             f"timezone={self.timezone!r}.") from None
         return self
 
 

@@ -51,7 +51,7 @@ BROKEN = [
     ("    output_size: [32, 32]\n", 9, "cohorts[0].output_size",
      "expects more items in cohorts[0].output_size, but got no item [2]."),
     ("schedule: {cron: '0 2 *'}\n", 9, "schedule",
-     "Schedule expects a five-field cron expression (minute hour day month weekday), but got cron='0 2 *'."),
+     "Schedule expects a five-field cron expression (minute hour day month weekday), but got cron='0 2 *' (not five fields)."),
     ("schedule: {cron: '0 2 * * *', interval_minutes: 5}\n", 9, "schedule",
      "Schedule expects exactly one of cron or interval_minutes"),
     ("runtime: {device: gpu}\n", 9, "runtime.device", "expects a string matching pattern"),

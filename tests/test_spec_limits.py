@@ -76,3 +76,26 @@ def test_oversized_spec_is_refused_before_parsing(tmp_path):
         load_spec(big)
     with pytest.raises(SpecError, match=rf"DatasetSpec expects a spec of at most {MAX_SPEC_BYTES} characters"):
         parse_spec("#" * (MAX_SPEC_BYTES + 1))
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("count: 1\n    body_region: chest", "count: true\n    body_region: chest",
+     r"cohorts\[0\]\.count: DatasetSpec expects a valid integer, but got count=True\."),
+])
+def test_nonsense_values_are_refused(old, new, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(GOOD.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(("schedule", "message"), [
+    ('{cron: "a b c d e"}', r"five-field cron expression \(minute hour day month weekday\), but got "
+                            r"cron='a b c d e' \(bad minute\)"),
+    ('{cron: "0 25 * * *"}', r"but got cron='0 25 \* \* \*' \(bad hour\)"),
+    ('{cron: "0 2 * *"}', r"but got cron='0 2 \* \*' \(not five fields\)"),
+    ('{cron: "0 2 * * *", timezone: Mars/Olympus}', r"Schedule expects an IANA timezone such as 'UTC' or "
+                                                    r"'Europe/Berlin', but got timezone='Mars/Olympus'\."),
+])
+def test_bad_schedules_are_refused(schedule, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(GOOD + f"schedule: {schedule}\n")
+    assert parse_spec(GOOD + 'schedule: {cron: "0 2 * * 1-5", timezone: Europe/Berlin}\n').schedule is not None
