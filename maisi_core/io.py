@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import os
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,8 +44,10 @@ from maisi_core.geometry import affine_from_spacing  # re-exported for io users
 
 try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio
     from isal import igzip as _fast_gzip
+    from isal import isal_zlib as _inflate
 except ImportError:  # pragma: no cover - depends on the environment
     _fast_gzip = None
+    _inflate = zlib
 
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,11 @@ HU_MAX = 3071
 DEFAULT_COMPRESSLEVEL = 1
 LABEL_MAX_ID = 65535
 _GZIP_MAGIC = b"\x1f\x8b"
+# The most bytes a volume may declare (header + data) before anything is allocated: 2 GiB holds 512x512x768
+# float32 (805 MB) with room; a 1 KB header declaring 4096^3 or a gzip bomb is refused, not inflated.
+MAX_VOLUME_BYTES = 2 * 1024**3
+_NIFTI_HEADER_BYTES = 352  # the 348-byte NIfTI-1 header and its 4-byte extension flag
+_GZIP_SLACK_BYTES = 1 << 20  # trailing bytes some writers leave after the data
 _GZIP_CHUNK_BYTES = 8 * 2**20  # zlib and isal release the GIL, so chunks compress in parallel
 _GZIP_THREADS = max(1, min(8, os.cpu_count() or 1))
 
@@ -404,10 +413,43 @@ def _gzip(raw: bytes, compresslevel: int) -> bytes:
         return b"".join(pool.map(compress, chunks))
 
 
-def _gunzip(raw: bytes) -> bytes:
-    if _fast_gzip is not None:
-        return _fast_gzip.decompress(raw)
-    return gzip.decompress(raw)
+def _declared_nbytes(head: bytes, *, who: str, uri: str, max_bytes: int) -> int:
+    """Return header + data bytes a NIfTI header declares; refuse more than ``max_bytes``."""
+    if len(head) < 348:
+        raise VolumeFileError(f"{who} expects a NIfTI-1 file, but got {len(head)} bytes, less than a header, "
+                              f"in uri={uri!r}.")
+    try:
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=False)
+        shape = tuple(int(n) for n in header.get_data_shape())
+        declared = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel raises several types for malformed headers
+        raise VolumeFileError(f"{who} expects a NIfTI-1 file, but got uri={uri!r} ({exc}).") from None
+    if declared > max_bytes:
+        raise VolumeFileError(f"{who} expects a volume of at most {max_bytes} bytes, but got a header declaring "
+                              f"shape={shape} ({declared} bytes) in uri={uri!r}.")
+    return declared
+
+
+def _gunzip(raw: bytes, *, who: str, uri: str, max_bytes: int) -> bytes:
+    """Inflate every gzip member of ``raw``, never beyond what the NIfTI header inside declares."""
+    try:
+        head = _inflate.decompressobj(16 + _inflate.MAX_WBITS).decompress(raw, _NIFTI_HEADER_BYTES)
+        budget = _declared_nbytes(head, who=who, uri=uri, max_bytes=max_bytes) + _GZIP_SLACK_BYTES
+        parts, total, data = [], 0, raw
+        while data:
+            member = _inflate.decompressobj(16 + _inflate.MAX_WBITS)
+            piece = member.decompress(data, budget - total + 1)
+            total += len(piece)
+            parts.append(piece)
+            if total > budget or member.unconsumed_tail:
+                raise VolumeFileError(f"{who} expects the data to inflate to the size its header declares, but got "
+                                      f"more than {budget} bytes in uri={uri!r} (a gzip bomb or a corrupt file).")
+            if not member.eof:
+                raise VolumeFileError(f"{who} expects a complete gzip stream, but got a truncated one in uri={uri!r}.")
+            data = member.unused_data
+    except (zlib.error, _inflate.error) as exc:
+        raise VolumeFileError(f"{who} expects a valid gzip stream, but got a corrupt one in uri={uri!r} ({exc}).") from None
+    return b"".join(parts)
 
 
 def _write_nifti(uri, data, affine, storage_options, compresslevel, overwrite, *, who: str) -> FileInfo:
@@ -472,7 +514,12 @@ def _read_nifti(uri, storage_options, *, who: str) -> nib.Nifti1Image:
     except FileNotFoundError:
         raise VolumeNotFoundError(f"{who} expects an existing NIfTI file, but got uri={uri!r}, which does not exist.") from None
     if raw[:2] == _GZIP_MAGIC:
-        raw = _gunzip(raw)
+        raw = _gunzip(raw, who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+    else:
+        declared = _declared_nbytes(raw[:_NIFTI_HEADER_BYTES], who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+        if declared > len(raw):
+            raise VolumeFileError(f"{who} expects the {declared} bytes its header declares, but got a file of "
+                                  f"{len(raw)} bytes in uri={uri!r} (truncated).")
     try:
         img = nib.Nifti1Image.from_bytes(raw)
     except Exception as exc:  # nibabel raises several types for malformed headers

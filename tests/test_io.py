@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -219,3 +220,51 @@ def test_read_nrrd_converts_lps_to_ras_and_keeps_voxel_order(encoding):
     with pytest.raises(VolumeFileError, match=r"read_nrrd expects an NRRD file with attached data, but got a file "
                                               r"starting b'NIFTI"):
         read_nrrd(b"NIFTI...")
+
+
+def _nifti_bytes(shape, dtype=np.uint8) -> bytes:
+    data = np.random.default_rng(1).integers(0, 100, shape).astype(dtype)
+    return nib.Nifti1Image(data, np.eye(4)).to_bytes()
+
+
+def test_header_declaring_a_huge_volume_is_refused_before_allocation(tmp_path):
+    header = bytearray(_nifti_bytes((4, 4, 4))[:352])
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(header)))
+    hdr.set_data_shape((4096, 4096, 4096))
+    small = tmp_path / "huge.nii"
+    small.write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 64)
+    with pytest.raises(VolumeFileError, match=r"^load_label expects a volume of at most 2147483648 bytes, but got a "
+                                              r"header declaring shape=\(4096, 4096, 4096\)"):
+        mio.load_label(small)
+    gz = tmp_path / "huge.nii.gz"
+    gz.write_bytes(gzip.compress(small.read_bytes()))
+    with pytest.raises(VolumeFileError, match=r"header declaring shape=\(4096, 4096, 4096\)"):
+        mio.load_image(gz)
+
+
+def test_gzip_bomb_inflating_past_its_header_is_refused(tmp_path):
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(_nifti_bytes((8, 8, 8)) + b"\x00" * (4 << 20), 9))  # 4 MiB more than declared
+    with pytest.raises(VolumeFileError, match=r"load_label expects the data to inflate to the size its header "
+                                              r"declares, but got more than \d+ bytes"):
+        mio.load_label(bomb)
+
+
+def test_truncated_and_corrupt_files_are_one_line_errors(tmp_path):
+    good = gzip.compress(_nifti_bytes((16, 16, 16)))
+    (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])
+    with pytest.raises(VolumeFileError, match=r"expects a complete gzip stream, but got a truncated one"):
+        mio.load_label(tmp_path / "cut.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(good[:10] + b"\xff" * 200)
+    with pytest.raises(VolumeFileError, match=r"expects a valid gzip stream, but got a corrupt one"):
+        mio.load_label(tmp_path / "junk.nii.gz")
+    (tmp_path / "cut.nii").write_bytes(_nifti_bytes((16, 16, 16))[:600])
+    with pytest.raises(VolumeFileError, match=r"expects the 4448 bytes its header declares, but got a file of 600 "
+                                              r"bytes .*\(truncated\)"):
+        mio.load_label(tmp_path / "cut.nii")
+
+
+def test_multi_member_gzip_written_by_save_label_reads_back(tmp_path):
+    big = np.random.default_rng(0).integers(0, 200, (256, 256, 160), dtype=np.uint8)  # > one 8 MiB chunk
+    mio.save_label(tmp_path / "multi.nii.gz", big, np.eye(4))
+    assert np.array_equal(mio.load_label(tmp_path / "multi.nii.gz").array, big)
