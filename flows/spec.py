@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from flows.errors import SpecError
 from flows.spec_source import SourceMap, issue_from_pydantic, load_yaml
 
+MAX_OUTPUT_VOX = 1024  # per axis: beyond any model's geometry, and 1024^3 float32 is already 4 GB
 SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RULE = "a name of letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
@@ -220,6 +221,9 @@ class Cohort(_Strict):
             value = getattr(self, name)
             if value is not None and any(v <= 0 for v in value):
                 raise ValueError(f"Cohort expects positive {name}, but got {name}={list(value)}.")
+        if self.output_size is not None and max(self.output_size) > MAX_OUTPUT_VOX:
+            raise ValueError(f"Cohort expects output_size of at most {MAX_OUTPUT_VOX} voxels per axis (MAISI's "
+                             f"largest is 512x512x768), but got output_size={list(self.output_size)}.")
         return self
 
     @property

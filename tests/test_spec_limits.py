@@ -99,3 +99,9 @@ def test_bad_schedules_are_refused(schedule, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(GOOD + f"schedule: {schedule}\n")
     assert parse_spec(GOOD + 'schedule: {cron: "0 2 * * 1-5", timezone: Europe/Berlin}\n').schedule is not None
+
+
+def test_absurd_output_size_is_refused_at_parse_time():
+    with pytest.raises(SpecError, match=r"cohorts\[0\]: Cohort expects output_size of at most 1024 voxels per axis "
+                                        r"\(MAISI's largest is 512x512x768\), but got output_size=\[64, 64, 100000\]\."):
+        parse_spec(GOOD.replace("output_size: [32, 32, 32]", "output_size: [64, 64, 100000]", 1))
