@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 import re
-from importlib.metadata import entry_points
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -266,6 +266,7 @@ def _qc_fields(qc: Any, tumor_label: int | None) -> dict[str, Any]:
     name = label_name(tumor_label) if tumor_label is not None else None
     return {"organ_hu_median": dict(qc.organ_hu_median), "label_agreement": dict(qc.label_agreement),
             "tumor_contrast_hu": qc.tumor_contrast_hu.get(name), "tumor_diameter_mm": qc.tumor_diameter_mm.get(name)}
+
 
 def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
     """The organ HU ranges overriding MAISI's: the spec's, or the whole HU range when the organ check is off."""

@@ -39,7 +39,7 @@ from monai.networks.utils import copy_model_state
 
 from maisi_core.config import PipelineConfig, RFlowSchedulerConfig
 from maisi_core.errors import ConfigError, TrainingDataError, did_you_mean
-from maisi_core.labels import BACKGROUND_ID, BODY_ID, TUMOR_IDS
+from maisi_core.labels import BACKGROUND_ID, BODY_ID, RIB_IDS, TUMOR_IDS
 from maisi_core.pipeline import MaisiPipeline, encode_labels_8bit, resolve_device
 from maisi_core.training_data import TrainingCase
 from maisi_core.training_loop import (  # noqa: F401  (TrainingProgress is part of this module's API)
@@ -56,7 +56,7 @@ LOSSES = ("l1", "mse")
 CT_MODALITY = 1
 
 # Structures one or two voxels wide at the default model's 6 mm: ribs, spinal cord, trachea, airway.
-THIN_STRUCTURE_IDS: tuple[int, ...] = (*range(63, 87), 121, 57, 132)
+THIN_STRUCTURE_IDS: tuple[int, ...] = (*RIB_IDS, 121, 57, 132)
 
 
 @dataclass(frozen=True)
@@ -177,13 +177,14 @@ def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     return (err * weight).sum() / (weight.sum() * err.shape[1])
 
 
-def _roi_weights(label_maps: np.ndarray, factor: int, weight: float, tumor_weight: float = 1.0,
-                 thin_weight: float = 1.0) -> torch.Tensor | None:
+def _roi_weights(label_maps: np.ndarray, factor: int, cfg: TrainingConfig) -> torch.Tensor | None:
     """(B, 1, x, y, z) loss weights of the voxels of label maps (B, X, Y, Z) pooled by ``factor``.
 
-    ``weight`` on (latent) voxels covering organ/tumour labels, times ``tumor_weight`` on those covering a
-    tumour and ``thin_weight`` on those covering a thin structure, 1 elsewhere; None when all are 1.
+    ``cfg.roi_loss_weight`` on (latent) voxels covering organ/tumour labels, times ``cfg.tumor_loss_weight``
+    on those covering a tumour and ``cfg.thin_loss_weight`` on those covering a thin structure, 1
+    elsewhere; None when all three are 1.
     """
+    weight, tumor_weight, thin_weight = cfg.roi_loss_weight, cfg.tumor_loss_weight, cfg.thin_loss_weight
     if weight == 1.0 and tumor_weight == 1.0 and thin_weight == 1.0:
         return None
     lab = torch.from_numpy(np.ascontiguousarray(label_maps))[:, None]
@@ -237,8 +238,7 @@ def train_vae_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[Train
             crops.append(np.flip(cases[int(i)].image[box], flips))
             label_crops.append(np.flip(cases[int(i)].label_map[box], flips))
         x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
-        weight = _roi_weights(np.stack(label_crops), 1, cfg.roi_loss_weight, cfg.tumor_loss_weight,
-                              cfg.thin_loss_weight)
+        weight = _roi_weights(np.stack(label_crops), 1, cfg)
         if cfg.vae_decoder_only:
             with torch.no_grad():
                 mu, sigma = vae.encode(x)
@@ -314,8 +314,7 @@ def _rflow_loss(pipe: MaisiPipeline, cfg, rng: np.random.Generator, latents: tor
         down, mid = controlnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = pipe.unet(xt, t, class_labels=classes, spacing_tensor=spacing, **residuals)
-    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg.roi_loss_weight, cfg.tumor_loss_weight,
-                          cfg.thin_loss_weight)
+    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg)
     return _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
 
 

@@ -278,14 +278,14 @@ def test_tumor_loss_weight_weights_latent_voxels_covering_a_tumour():
     lab = np.full((1, 8, 8, 8), 200, np.uint8)
     lab[0, 0:4, 0:4, 0:4] = 1  # liver: latent voxel (0, 0, 0) at factor 4
     lab[0, 5, 5, 5] = 23  # one tumour voxel: latent voxel (1, 1, 1)
-    assert _roi_weights(lab, 4, 1.0, 1.0) is None
-    w = _roi_weights(lab, 4, 2.0, 30.0)
+    assert _roi_weights(lab, 4, TrainingConfig()) is None
+    w = _roi_weights(lab, 4, TrainingConfig(roi_loss_weight=2.0, tumor_loss_weight=30.0))
     assert w.shape == (1, 1, 2, 2, 2)
     assert float(w[0, 0, 0, 0, 0]) == 2.0 and float(w[0, 0, 1, 1, 1]) == 60.0 and float(w[0, 0, 1, 0, 0]) == 1.0
-    w = _roi_weights(lab, 1, 1.0, 30.0)  # VAE: per voxel
+    w = _roi_weights(lab, 1, TrainingConfig(tumor_loss_weight=30.0))  # VAE: per voxel
     assert float(w[0, 0, 5, 5, 5]) == 30.0 and float(w.sum()) == 511 + 30
     lab[0, 7, 0, 0] = 121  # spinal cord, a thin structure: latent voxel (1, 0, 0)
-    w = _roi_weights(lab, 4, 1.0, 1.0, 10.0)
+    w = _roi_weights(lab, 4, TrainingConfig(thin_loss_weight=10.0))
     assert float(w[0, 0, 1, 0, 0]) == 10.0 and float(w[0, 0, 1, 1, 1]) == 1.0
 
 
