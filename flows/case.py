@@ -296,10 +296,13 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
 
     Attempt ``k`` (0 .. ``qc.max_retries``) uses ``attempt_seed(request.seed, k)``. A mask that cannot
     be made (e.g. the tumour's host is outside the field of view) or a QC failure moves on to the next
-    attempt. The first passing attempt is written to ``ROOT/images`` and ``ROOT/labels``; when every
-    attempt fails, nothing is written and the record has ``status="failed"`` and the reasons.
+    attempt. An unusable input (a corrupt or malformed mask file, a map the model refuses: any other
+    ``MaisiError``) ends the case at once, since every attempt would fail alike. The first passing
+    attempt is written to ``ROOT/images`` and ``ROOT/labels``; when no attempt passes, nothing is
+    written and the record has ``status="failed"`` and the reasons. Other exceptions (a bug, a lost
+    device, storage down) propagate: the case is not recorded and a re-run retries it.
     """
-    from maisi_core.errors import MaskSourceError
+    from maisi_core.errors import MaisiError, MaskSourceError
     from maisi_core.io import save_image, save_label
     from maisi_core.qc import check_case
 
@@ -312,11 +315,18 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
         t0 = time.perf_counter()
         try:
             mask = make_mask_fn(request, seed)
-        except MaskSourceError as exc:
+        except MaskSourceError as exc:  # another seed may place the mask or tumour
             reasons.append(f"attempt {attempt}: mask: {exc}")
             continue
+        except MaisiError as exc:  # an unusable input file or map: every attempt would fail the same way
+            reasons.append(f"attempt {attempt}: input: {exc}")
+            break
         t1 = time.perf_counter()
-        volume = generator.generate(request, mask, seed=seed)
+        try:
+            volume = generator.generate(request, mask, seed=seed)
+        except MaisiError as exc:  # the model refused this mask (labels, geometry): recorded, not crashed
+            reasons.append(f"attempt {attempt}: generate: {exc}")
+            break
         t2 = time.perf_counter()
         qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
                         **qc_options(request, mask))
@@ -340,7 +350,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
                        image_sha256=image.sha256, label_sha256=label.sha256,
                        image_bytes=image.n_bytes, label_bytes=label.n_bytes,
                        timings_s=timings, **last_qc)
-    attempts = request.qc.max_retries
+    attempts = min(attempt, request.qc.max_retries)
     logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False,

@@ -67,6 +67,7 @@ class _Progress:
         self.bar: Any = None
         self.counts = {"passed": 0, "failed": 0, "crashed": 0}
         self.commits = 0
+        self.first_failure = ""
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "planned" and self.enabled:
@@ -76,6 +77,9 @@ class _Progress:
                             postfix=f"skipped {data['skipped']}")
         elif event == "case":
             self.counts[data["status"]] = self.counts.get(data["status"], 0) + 1
+            if data["status"] != "passed" and not self.first_failure:
+                reason = str(data.get("reason") or "").split(" | ")[-1]
+                self.first_failure = f"{data['sample_id']}: {reason[:600]}"
             if self.bar is not None:
                 self.bar.set_postfix(passed=self.counts["passed"], failed=self.counts["failed"], refresh=False)
                 self.bar.update(1)
@@ -107,15 +111,19 @@ def run_run(args: argparse.Namespace) -> int:
     _prefect_env(args.verbose)
     from flows.spec import load_spec
 
+    from maisi_core.errors import MaisiError
+
     try:
         options = parse_storage_options(args.storage_option)
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
             batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision)
         from flows.plan import plan_dataset
+        from flows.preflight import preflight
 
         plan_dataset(spec)
-    except (FlowsError, ValueError) as exc:
+        preflight(spec, output_root=args.out or spec.output_root, storage_options=options)
+    except (FlowsError, MaisiError, ValueError) as exc:
         return _bad("run", exc)
     from flows.generate import run_generate
     from flows.runtime import progress_listener
@@ -125,10 +133,28 @@ def run_run(args: argparse.Namespace) -> int:
     try:
         with progress_listener(progress):
             summary = run_generate(spec, output_root=args.out, storage_options=options)
+    except Exception as exc:  # the cause is the last line, after whatever Prefect logged
+        progress.close()
+        print(f"ctfactory run: {_cause(exc)}", file=sys.stderr)
+        return EXIT_FAILED_CASES
     finally:
         progress.close()
     sys.stdout.write(_summary_table(summary, time.perf_counter() - t0))
+    if progress.first_failure:
+        print(f"ctfactory run: {progress.counts['failed']} case(s) failed and were recorded as failed; first "
+              f"{progress.first_failure}", file=sys.stderr)
     return EXIT_OK
+
+
+def _cause(exc: BaseException) -> str:
+    """One line: the exception's own message (a house-style sentence), or its type and text."""
+    from flows.errors import FlowsError as _Flows
+    from maisi_core.errors import MaisiError as _Maisi
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (_Flows, _Maisi)) or type(exc).__module__.startswith("catalog"):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def run_serve(args: argparse.Namespace) -> int:

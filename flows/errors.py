@@ -59,3 +59,18 @@ class DeploymentError(FlowsError, RuntimeError):
 
 class ValidationInputError(FlowsError, ValueError):
     """Raised when a dataset or reference set cannot be validated (too few cases, no reference, no dataset row)."""
+
+
+class CasesCrashedError(FlowsError, RuntimeError):
+    """Raised when cases ended with an exception instead of a record (not committed; a re-run retries them)."""
+
+    def __init__(self, crashed: Sequence[str]) -> None:
+        self.crashed: tuple[str, ...] = tuple(crashed)
+        super().__init__(
+            f"generate_dataset expects every case to end with a record, but got {len(self.crashed)} crashed "
+            f"case(s), first {self.crashed[0] if self.crashed else '-'}. Committed cases are kept; fix the cause "
+            "and run again to retry the rest."
+        )
+
+    def __reduce__(self):  # keep the exception picklable across Prefect and Dask
+        return (type(self), (self.crashed,))

@@ -31,8 +31,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from catalog.schema import SampleRecord
 from catalog.store import Catalog, open_catalog
 from flows.case import get_generator, run_case
-from flows.errors import FlowsError
+from flows.errors import CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
+from flows.preflight import preflight
 from flows.runtime import build_task_runner, current_code_version, flow_run_settings, notify
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
@@ -50,9 +51,59 @@ def generate_case(request: CaseRequest, *, output_root: str, storage_options: di
 
 
 @task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
-def find_committed(output_root: str, storage_options: dict[str, str] | None) -> set[str]:
-    """Return the sample_ids the catalog already holds (passed and failed both count as done)."""
-    return open_catalog(output_root, storage_options).committed_sample_ids()
+def find_committed(output_root: str, storage_options: dict[str, str] | None, spec_id: str) -> set[str]:
+    """Return the sample_ids of ``spec_id`` that are done: committed (passed or failed), files in place.
+
+    A passed row whose image or label file is gone (deleted by hand, lost with a disk) is not done: the
+    run regenerates the case from its seed, which writes the same bytes, and the identical record is a
+    no-op for the catalog.
+    """
+    import pyarrow.compute as pc
+
+    cat = open_catalog(output_root, storage_options)
+    if not cat.exists("samples"):
+        return set()
+    rows = cat.read_table("samples", columns=["sample_id", "status", "image_uri", "label_uri"],
+                          filter=pc.field("spec_id") == spec_id).to_pylist()
+    done = {r["sample_id"] for r in rows}
+    passed = [r for r in rows if r["status"] == "passed"]
+    missing = _missing_files(cat, [r[k] for r in passed for k in ("image_uri", "label_uri")])
+    for row in passed:
+        if row["image_uri"] in missing or row["label_uri"] in missing:
+            _logger().warning("case %s is committed but its files are missing; regenerating it", row["sample_id"])
+            done.discard(row["sample_id"])
+    return done
+
+
+def _logger() -> Any:
+    """The flow-run logger inside a run (shown in Prefect's UI), the module logger outside one."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
+
+
+def _missing_files(cat: Catalog, uris: list[str]) -> set[str]:
+    """The URIs of ``uris`` that do not exist; one listing per folder, not one request per file."""
+    from catalog.fs import filesystem, resolve_uri
+
+    listed: dict[str, set[str]] = {}
+    missing = set()
+    for uri in uris:
+        fs, path = filesystem(resolve_uri(cat.root_uri, uri), cat.storage_options)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in listed:
+            try:
+                listed[folder] = {p.rstrip("/") for p in fs.ls(folder, detail=False)}
+            except (FileNotFoundError, NotADirectoryError):
+                listed[folder] = set()
+        if path not in listed[folder]:
+            missing.add(uri)
+    return missing
 
 
 @task(name="find-recorded-metrics", cache_policy=NO_CACHE, persist_result=False)
@@ -182,11 +233,11 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
             record = future.result()
         except Exception as exc:  # a crashed case is not recorded: a re-run retries it
             crashed.append(f"{request.sample_id}: {type(exc).__name__}: {exc}")
-            notify("case", sample_id=request.sample_id, status="crashed")
+            notify("case", sample_id=request.sample_id, status="crashed", reason=f"{type(exc).__name__}: {exc}")
             continue
         records.append(record)
         batch.append(record)
-        notify("case", sample_id=record.sample_id, status=record.status)
+        notify("case", sample_id=record.sample_id, status=record.status, reason=record.failure_reason)
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -226,7 +277,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     root = output_root or spec.output_root
     version = code_version or current_code_version()
     plan = plan_dataset(spec)
-    done = find_committed(root, storage_options)
+    preflight(spec, output_root=root, storage_options=storage_options, load_model=False)
+    done = find_committed(root, storage_options, plan.spec_id)
     todo = [c for c in plan.cases if c.sample_id not in done]
     notify("planned", total=len(plan.cases), skipped=len(plan.cases) - len(todo), todo=len(todo))
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
@@ -236,6 +288,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
                                            storage_options=storage_options, metadata=meta)
+    if crashed and not open_catalog(root, storage_options).exists("samples"):
+        raise CasesCrashedError(crashed)
     t_validate = time.perf_counter()
     metrics = _dataset_metrics(spec, plan.spec_id, changed=bool(records), output_root=root,
                                storage_options=storage_options)
@@ -246,8 +300,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
                              timings=timings, code_version=version, new_rows=len(records))
     summary["card_uri"] = publish_card(root, storage_options) if summary["n_samples"] else None
     if crashed:
-        raise FlowsError(f"generate_dataset expects every case to finish, but got {len(crashed)} crashed case(s), "
-                         f"first {crashed[0]}. Committed cases are kept; run again to retry the rest.")
+        raise CasesCrashedError(crashed)
     return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo)}
 
 

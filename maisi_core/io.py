@@ -508,11 +508,7 @@ def _put_atomic(uri: str, payload: bytes, storage_options, overwrite: bool, who:
 
 def _read_nifti(uri, storage_options, *, who: str) -> nib.Nifti1Image:
     uri = os.fspath(uri)
-    try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise VolumeNotFoundError(f"{who} expects an existing NIfTI file, but got uri={uri!r}, which does not exist.") from None
+    raw = _read_bytes(uri, storage_options, who=who)
     if raw[:2] == _GZIP_MAGIC:
         raw = _gunzip(raw, who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
     else:
@@ -526,4 +522,64 @@ def _read_nifti(uri, storage_options, *, who: str) -> nib.Nifti1Image:
         raise VolumeFileError(f"{who} expects a NIfTI-1 file, but got uri={uri!r} ({exc}).") from None
     if len(img.shape) != 3:
         raise VolumeFileError(f"{who} expects a 3D volume (X, Y, Z), but got shape={img.shape} in uri={uri!r}.")
+    _check_file_affine(_affine_of(img), who=who, uri=uri)
     return img
+
+
+def _read_bytes(uri: str, storage_options, *, who: str, size: int = -1) -> bytes:
+    """Read ``size`` bytes (all when -1) of a file; a missing or unreadable file is a one-line error."""
+    try:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as fh:
+            return fh.read(size)
+    except FileNotFoundError:
+        raise VolumeNotFoundError(f"{who} expects an existing NIfTI file, but got uri={uri!r}, which does not exist.") from None
+    except (IsADirectoryError, PermissionError, OSError) as exc:
+        reason = exc.strerror or str(exc)
+        raise VolumeFileError(f"{who} expects a readable NIfTI file, but got uri={uri!r} ({reason}).") from None
+
+
+def _check_file_affine(affine: np.ndarray, *, who: str, uri: str) -> np.ndarray:
+    """The file's affine must be finite and invertible: it places every voxel in the patient."""
+    try:
+        return _check_affine(affine, who)
+    except AffineError:
+        raise AffineError(f"{who} expects a finite, invertible voxel-to-world affine (sform or qform), but got "
+                          f"affine={np.asarray(affine).round(4).tolist()} in uri={uri!r}. Fix the file's header "
+                          "(e.g. re-save it from the segmenter that made it).") from None
+
+
+def check_nifti_header(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None,
+                       who: str = "check_nifti_header") -> tuple[tuple[int, int, int], np.ndarray]:
+    """Read only the header of a NIfTI file and check it: a 3D volume of bounded size with a usable affine.
+
+    Cheap (the first kilobytes of the file), so a run can check every input file before its first case;
+    problems deeper in the file (a truncated or corrupt gzip stream) surface when the file is loaded.
+
+    Returns:
+        The shape ``(X, Y, Z)`` and the affine the header declares.
+
+    Raises:
+        VolumeNotFoundError: no such file.
+        VolumeFileError: unreadable, empty, not NIfTI-1, not 3D, or declaring more than ``MAX_VOLUME_BYTES``.
+        AffineError: a NaN, infinite or singular affine.
+    """
+    uri = os.fspath(uri)
+    raw = _read_bytes(uri, storage_options, who=who, size=1 << 16)
+    head = raw
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            head = _inflate.decompressobj(16 + _inflate.MAX_WBITS).decompress(raw, _NIFTI_HEADER_BYTES)
+        except (zlib.error, _inflate.error) as exc:
+            raise VolumeFileError(f"{who} expects a valid gzip stream, but got a corrupt one in uri={uri!r} ({exc}).") from None
+    _declared_nbytes(head[:_NIFTI_HEADER_BYTES], who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=False)
+    shape = tuple(int(n) for n in header.get_data_shape())
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 1:
+        raise VolumeFileError(f"{who} expects a 3D volume (X, Y, Z), but got shape={shape} in uri={uri!r}.")
+    try:
+        declared = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except Exception:  # nibabel raises several types for a qform it cannot decompose
+        declared = np.full((4, 4), np.nan)
+    return shape, _check_file_affine(declared, who=who, uri=uri)  # type: ignore[return-value]

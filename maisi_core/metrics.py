@@ -523,9 +523,9 @@ def load_state_dict_file(path: str | Path, *, key_prefix: str = "") -> dict:
     if not path.is_file():
         raise WeightsNotFoundError(f"{who} expects an existing weight file, but got path={str(path)!r}.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from maisi_core.weights import _load_safetensors
 
-        state = load_file(str(path))
+        state = _load_safetensors(path, who=who)
     else:
         from maisi_core.weights import load_torch_checkpoint
 

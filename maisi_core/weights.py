@@ -267,11 +267,21 @@ def load_model_dir(path: str | Path, *, device: torch.device | str = "cpu") -> L
     modules: dict[str, torch.nn.Module] = {}
     for comp in COMPONENTS:
         module = _BUILDERS[comp](getattr(config, comp), "cpu")
-        state = load_file(str(model_file(root, f"{comp}/{WEIGHTS_NAME}")), device="cpu")
+        state = _load_safetensors(model_file(root, f"{comp}/{WEIGHTS_NAME}"), who=f"load_model_dir[{comp}]")
         load_state_strict(module, state, who=f"load_model_dir[{comp}]")
         modules[comp] = module.to(device).eval()
     return LoadedModel(config=config, scale_factor=config.scale_factor, digest=index["digest"],
                        index=index, **modules)
+
+
+def _load_safetensors(file: Path, *, who: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a malformed one (bad header, random bytes, truncated) is a WeightsError."""
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError (not exported) and OSError
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{who} expects a safetensors weights file, but got {file.name} that cannot be read "
+                           f"({reason}). Restore the file or re-save the model.") from None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, who: str) -> None:
@@ -316,17 +326,43 @@ def load_torch_checkpoint(source: str | Path | BinaryIO, *, who: str = "load_tor
             raise WeightsNotFoundError(f"{who} expects an existing checkpoint file, but got path={str(source)!r}.")
         what = what or f"path={file.name!r}"
     what = what or "a checkpoint buffer"
+    _check_checkpoint_magic(source, who=who, what=what)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:160]
+        if "weights only load failed" not in str(exc).lower():
+            raise WeightsError(f"{who} expects a readable torch checkpoint, but got {what} with a corrupt pickle "
+                               f"({reason}). Restore the file or download it again.") from None
         raise UnsafeCheckpointError(
             f"{who} expects a weights-only checkpoint (tensors, dicts, numbers; torch.load weights_only=True), "
             f"but got {what} that needs arbitrary pickled objects ({reason}); it was not loaded. "
             "Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"{who} expects a readable torch checkpoint, but got {what}: {exc}") from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, IndexError, ... for damaged files
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{who} expects a readable torch checkpoint, but got {what} that cannot be read "
+                           f"({reason}). Restore the file or download it again.") from None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80
+
+
+def _check_checkpoint_magic(source: str | Path | BinaryIO, *, who: str, what: str) -> None:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a legacy pickle; refuse anything else early."""
+    if isinstance(source, (str, Path)):
+        with open(source, "rb") as fh:
+            head = fh.read(4)
+    else:
+        pos = source.tell()
+        head = source.read(4)
+        source.seek(pos)
+    if head[:4] == _ZIP_MAGIC or (head[:1] and head[0] == _PICKLE_PROTOCOL):
+        return
+    shown = "an empty file" if not head else f"first bytes {head.hex()}"
+    raise WeightsError(f"{who} expects a torch checkpoint (a zip archive or a pickle), but got {what} with "
+                       f"{shown}. Check the file is the checkpoint you meant; restore or download it again.")
 
 
 def _state_dict_from(ckpt: Any, keys: tuple[str, ...], *, who: str) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -35,3 +37,31 @@ def tiny_pipe():
 @pytest.fixture()
 def label_map() -> np.ndarray:
     return make_label_map()
+
+
+_SERVICE_SWITCHES = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_backend():
+    """One Prefect test server for the session; heartbeat, task-run recorder and event persister off."""
+    old = {k: os.environ.get(k) for k in _SERVICE_SWITCHES}
+    os.environ.update(_SERVICE_SWITCHES)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

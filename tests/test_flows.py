@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -33,34 +32,6 @@ cohorts:
     qc: {{organ_hu_check: false}}
 runtime: {{batch_size: 1}}
 """
-
-_SERVICE_SWITCHES = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}
-
-
-@pytest.fixture(scope="session")
-def prefect_backend():
-    """One Prefect test server for the session; heartbeat, task-run recorder and event persister off."""
-    old = {k: os.environ.get(k) for k in _SERVICE_SWITCHES}
-    os.environ.update(_SERVICE_SWITCHES)
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def _spec(root, **replace):
     text = SPEC.format(root=root)
@@ -150,7 +121,7 @@ def test_tasks_fn_generate_and_commit(tmp_path):
                               device="cpu", decode_preset=None, code_version="t")
     assert record.status == "passed" and record.model_name == "sleep:0"
     assert commit_records.fn([record], output_root=str(tmp_path), storage_options=None, metadata={"x": 1}) == 0
-    assert find_committed.fn(str(tmp_path), None) == {record.sample_id}
+    assert find_committed.fn(str(tmp_path), None, plan.spec_id) == {record.sample_id}
 
 
 # -- the flow ------------------------------------------------------------------------------------------
