@@ -38,6 +38,24 @@ def _bad(command: str, exc: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
+def _public_options(args: argparse.Namespace, *, command: str) -> dict[str, str]:
+    """The storage options a flow may take as parameters; credentials go by reference (``flows.secrets``).
+
+    ``run`` executes its flow in this process, so credentials given with ``--storage-option`` move into
+    this process's environment (its workers inherit it) and out of the parameters. ``submit`` hands the
+    run to a server whose worker cannot see this environment, so it refuses them.
+    """
+    from flows.secrets import SECRET_BLOCK_OPTION, export_secrets, refuse_secret_options, split_storage_options
+
+    public, secret = split_storage_options(parse_storage_options(args.storage_option))
+    if secret and command == "submit":
+        refuse_secret_options(secret, who="submit")
+    export_secrets(secret)
+    if getattr(args, "storage_secret_block", None):
+        public[SECRET_BLOCK_OPTION] = args.storage_secret_block
+    return public
+
+
 def run_check_spec(args: argparse.Namespace) -> int:
     """Validate a spec (every problem at once), then print the expanded plan."""
     from flows.models import preset_name
@@ -114,7 +132,7 @@ def run_run(args: argparse.Namespace) -> int:
     from maisi_core.errors import MaisiError
 
     try:
-        options = parse_storage_options(args.storage_option)
+        options = _public_options(args, command="run")
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
             batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision)
@@ -177,7 +195,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from flows.spec import load_spec
 
     try:
-        options = parse_storage_options(args.storage_option)
+        options = _public_options(args, command="submit")
         spec = load_spec(args.spec)
         if not os.environ.get("PREFECT_API_URL"):
             raise DeploymentError("submit expects PREFECT_API_URL to point at the Prefect server that "
@@ -208,7 +226,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=int, metavar="N", help="records per catalog commit")
     run.add_argument("--max-workers", type=int, metavar="N", help="concurrent cases on CPU")
     run.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                     help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...")
+                     help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...; "
+                          "credentials (AWS_SECRET_ACCESS_KEY, ...) stay in this process, never in Prefect")
+    run.add_argument("--storage-secret-block", metavar="NAME",
+                     help="Prefect Secret block holding a JSON object of storage credentials")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=run_run)
 
@@ -221,5 +242,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("spec", metavar="SPEC", help="YAML dataset spec")
     submit.add_argument("--deployment", default="adhoc", help="deployment name under run-spec (default adhoc)")
     submit.add_argument("--out", metavar="URI", help="output root (overrides the spec's output_root)")
-    submit.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="storage option (repeatable)")
+    submit.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="storage option without credentials (repeatable); credentials by reference only")
+    submit.add_argument("--storage-secret-block", metavar="NAME",
+                        help="Prefect Secret block (on the server) holding a JSON object of storage credentials")
     submit.set_defaults(func=run_submit)

@@ -35,6 +35,7 @@ from flows.errors import CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
 from flows.preflight import preflight
 from flows.runtime import build_task_runner, current_code_version, flow_run_settings, notify
+from flows.secrets import refuse_secret_options, resolve_storage_options
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
 REPORT_NAME = "dataset_card.html"
@@ -45,6 +46,7 @@ def generate_case(request: CaseRequest, *, output_root: str, storage_options: di
                   generator: str, device: str, decode_preset: str | None, code_version: str,
                   precision: str = "auto") -> SampleRecord:
     """Generate, check and write one case (the model is loaded once per worker process)."""
+    storage_options = resolve_storage_options(storage_options)
     gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
     return run_case(request, gen, output_root=output_root, storage_options=storage_options,
                     code_version=code_version)
@@ -58,6 +60,7 @@ def find_committed(output_root: str, storage_options: dict[str, str] | None, spe
     run regenerates the case from its seed, which writes the same bytes, and the identical record is a
     no-op for the catalog.
     """
+    storage_options = resolve_storage_options(storage_options)
     import pyarrow.compute as pc
 
     cat = open_catalog(output_root, storage_options)
@@ -110,6 +113,7 @@ def _missing_files(cat: Catalog, uris: list[str]) -> set[str]:
 def find_recorded_metrics(spec_id: str, *, output_root: str,
                           storage_options: dict[str, str] | None) -> dict[str, float] | None:
     """Return the metrics of the dataset row already recorded for the catalog as it is now, else None."""
+    storage_options = resolve_storage_options(storage_options)
     cat = open_catalog(output_root, storage_options)
     row = _recorded_dataset_row(cat, spec_id)
     return None if row is None else {str(k): float(v) for k, v in (row["metrics"] or [])}
@@ -130,6 +134,7 @@ def _recorded_dataset_row(cat: Catalog, spec_id: str) -> dict[str, Any] | None:
 def commit_records(records: list[SampleRecord], *, output_root: str, storage_options: dict[str, str] | None,
                    metadata: Mapping[str, Any]) -> int:
     """Append one batch of records in one catalog commit; return the version."""
+    storage_options = resolve_storage_options(storage_options)
     return open_catalog(output_root, storage_options).append_samples(records, commit_metadata=metadata)
 
 
@@ -142,6 +147,7 @@ def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage
     Takes the ``spec_id``, not the plan: Prefect walks every task argument looking for futures, which
     costs 0.5-1 ms per planned case for a plan (0.1-0.2 s for 200 cases on 2 busy cores).
     """
+    storage_options = resolve_storage_options(storage_options)
     import pyarrow.compute as pc
 
     from flows.models import model_name, pipeline_config
@@ -169,6 +175,7 @@ def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage
 def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
                      storage_options: dict[str, str] | None) -> dict[str, float]:
     """Dataset metrics from ``flows.validate.validate_dataset`` when that module exists, else none."""
+    storage_options = resolve_storage_options(storage_options)
     if importlib.util.find_spec("flows.validate") is None:
         return {}
     from flows import validate
@@ -180,6 +187,7 @@ def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
 @task(name="publish-card", cache_policy=NO_CACHE, persist_result=False)
 def publish_card(output_root: str, storage_options: dict[str, str] | None) -> str | None:
     """Write the HTML dataset card to ``ROOT/dataset_card.html`` with ``catalog.report`` when present."""
+    storage_options = resolve_storage_options(storage_options)
     if importlib.util.find_spec("catalog.report") is None:
         return None
     import fsspec
@@ -277,6 +285,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     root = output_root or spec.output_root
     version = code_version or current_code_version()
     plan = plan_dataset(spec)
+    refuse_secret_options(storage_options, who="generate_dataset")
     preflight(spec, output_root=root, storage_options=storage_options, load_model=False)
     done = find_committed(root, storage_options, plan.spec_id)
     todo = [c for c in plan.cases if c.sample_id not in done]
@@ -288,7 +297,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
                                            storage_options=storage_options, metadata=meta)
-    if crashed and not open_catalog(root, storage_options).exists("samples"):
+    if crashed and not open_catalog(root, resolve_storage_options(storage_options)).exists("samples"):
         raise CasesCrashedError(crashed)
     t_validate = time.perf_counter()
     metrics = _dataset_metrics(spec, plan.spec_id, changed=bool(records), output_root=root,
@@ -307,6 +316,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
 def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
                  storage_options: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run :func:`generate_dataset` with the task runner the spec's runtime section asks for."""
+    refuse_secret_options(storage_options, who="run_generate")
     choice = build_task_runner(spec.runtime)
     configured = generate_dataset.with_options(task_runner=choice.runner)
     with flow_run_settings():

@@ -26,7 +26,9 @@ def run_spec(spec: dict[str, Any], output_root: str | None = None,
              storage_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Generate the dataset of ``spec`` (a spec as JSON data) with its runtime settings."""
     from flows.generate import run_generate
+    from flows.secrets import refuse_secret_options
 
+    refuse_secret_options(storage_options, who="run_spec")
     return run_generate(validate_spec(spec), output_root=output_root, storage_options=storage_options)
 
 
@@ -78,6 +80,9 @@ def submit_spec(spec: DatasetSpec, *, deployment: str = ADHOC, output_root: str 
     """Start a run of a served deployment with ``spec`` and return its flow-run ID (does not wait)."""
     from prefect.deployments import run_deployment
 
+    from flows.secrets import refuse_secret_options
+
+    refuse_secret_options(storage_options, who="submit_spec")
     params: dict[str, Any] = {"spec": spec.model_dump(mode="json")}
     if output_root:
         params["output_root"] = output_root
