@@ -35,7 +35,7 @@ from flows.errors import CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
 from flows.preflight import preflight
 from flows.runtime import build_task_runner, current_code_version, flow_run_settings, notify
-from flows.secrets import refuse_secret_options, resolve_storage_options
+from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
 REPORT_NAME = "dataset_card.html"
@@ -315,8 +315,14 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
 
 def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
                  storage_options: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run :func:`generate_dataset` with the task runner the spec's runtime section asks for."""
-    refuse_secret_options(storage_options, who="run_generate")
+    """Run :func:`generate_dataset` with the task runner the spec's runtime section asks for.
+
+    Credentials among ``storage_options`` (``AWS_SECRET_ACCESS_KEY``, ...) never reach the flow's
+    parameters: they move into this process's environment, where the flow's tasks and the workers it
+    starts find them (see :mod:`flows.secrets`).
+    """
+    storage_options, secret = split_storage_options(storage_options)
+    export_secrets(secret)
     choice = build_task_runner(spec.runtime)
     configured = generate_dataset.with_options(task_runner=choice.runner)
     with flow_run_settings():
