@@ -26,6 +26,12 @@ from flows.errors import FlowsError, OutputPathError, SpecError, SpecIssue
 from flows.spec import Cohort, DatasetSpec, QCSettings, is_safe_name, spec_id
 
 SEED_MODULUS = 2**31
+# Caps on what one spec may plan (all cohorts together). A spec is user input (``serve``/``submit`` take
+# specs from others), so the operator sets the caps, through the environment, never the spec itself.
+MAX_PLANNED_CASES = 100_000
+MAX_PLANNED_VOXELS = 2 * 10**12  # 10,000 full-size 512x512x768 cases; about 4 TB of int16 before gzip
+MAX_CASES_ENV = "CTFACTORY_MAX_CASES"
+MAX_VOXELS_ENV = "CTFACTORY_MAX_VOXELS"
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
 VOLUME_SUFFIX = ".nii.gz"
@@ -228,23 +234,68 @@ def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
     cohorts = [_plan_cohort(spec, i, c, config, issues) for i, c in enumerate(spec.cohorts)]
     if issues:
         raise SpecError(issues)
+    _check_plan_size(spec, cohorts)
     cases = []
     for cohort, cp in zip(spec.cohorts, cohorts, strict=True):
         tumor = cohort.pathology
+        make_sample_id(spec.name, cohort.name, 0, sid)  # checks the name characters once per cohort
+        # The first request of a cohort is validated in full; the others copy it with their own ID, index,
+        # seed and paths (all built here from checked parts), which keeps planning linear and fast.
+        shared = dict(
+            dataset=spec.name, dataset_version=spec.version, spec_id=sid, cohort=cohort.name,
+            model_ref=spec.model.ref, body_region=tuple(cohort.body_region), pathology=cohort.pathology_name,
+            tumor_label=None if tumor is None else tumor.label_id,
+            tumor_size_mm=None if tumor is None else tumor.size_mm,
+            output_size=cp.output_size, spacing_mm=cp.spacing_mm,
+            mask_source=cohort.mask_source.model_dump(mode="json"), qc=cohort.qc,
+            num_inference_steps=cp.num_inference_steps,
+        )
+        first = None
         for i in range(cohort.count):
-            sample_id = make_sample_id(spec.name, cohort.name, i, sid)
+            sample_id = f"{spec.name}-{cohort.name}-{i:05d}-{sid[:8]}"
             image, label = case_paths(sample_id)
-            cases.append(CaseRequest(
-                sample_id=sample_id, dataset=spec.name, dataset_version=spec.version, spec_id=sid,
-                cohort=cohort.name, case_index=i, seed=case_seed(sid, spec.seed, cohort.name, i),
-                model_ref=spec.model.ref, body_region=tuple(cohort.body_region), pathology=cohort.pathology_name,
-                tumor_label=None if tumor is None else tumor.label_id,
-                tumor_size_mm=None if tumor is None else tumor.size_mm,
-                output_size=cp.output_size, spacing_mm=cp.spacing_mm,
-                mask_source=cohort.mask_source.model_dump(mode="json"), qc=cohort.qc,
-                num_inference_steps=cp.num_inference_steps, image_uri=image, label_uri=label,
-            ))
+            fields = dict(sample_id=sample_id, case_index=i, seed=case_seed(sid, spec.seed, cohort.name, i),
+                          image_uri=image, label_uri=label)
+            if first is None:
+                first = CaseRequest(**fields, **shared)
+                cases.append(first)
+            else:  # the validated first request's values, shared; only the per-case fields differ
+                cases.append(first.model_copy(update=fields))
     return DatasetPlan(spec_id=sid, cases=tuple(cases), cohorts=tuple(c for c in cohorts if c is not None))
+
+
+def planned_limits() -> tuple[int, int]:
+    """The (cases, voxels) caps per spec: the defaults, or the operator's ``CTFACTORY_MAX_CASES``/``_VOXELS``."""
+    import os
+
+    limits = []
+    for env, default in ((MAX_CASES_ENV, MAX_PLANNED_CASES), (MAX_VOXELS_ENV, MAX_PLANNED_VOXELS)):
+        raw = os.environ.get(env, "").strip()
+        try:
+            value = int(float(raw)) if raw else default
+        except ValueError:
+            raise SpecError(f"plan_dataset expects {env} to be a positive number, but got {env}={raw!r}. "
+                            "Unset it to use the default.") from None
+        if value < 1:
+            raise SpecError(f"plan_dataset expects {env} to be a positive number, but got {env}={raw!r}.")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
+def _check_plan_size(spec: DatasetSpec, cohorts: list[CohortPlan | None]) -> None:
+    """Refuse a spec whose cohorts together plan more cases or voxels than the caps allow."""
+    max_cases, max_voxels = planned_limits()
+    n_cases = sum(c.count for c in spec.cohorts)
+    n_voxels = sum(c.voxels_per_case * c.count for c in cohorts if c is not None)
+    if n_cases > max_cases:
+        raise SpecError([spec.source.issue(("cohorts",), (
+            f"plan_dataset expects at most {max_cases:,} cases per spec (all cohorts), but got cases={n_cases:,}. "
+            f"Split the dataset into several specs, or raise the cap with {MAX_CASES_ENV}."))])
+    if n_voxels > max_voxels:
+        raise SpecError([spec.source.issue(("cohorts",), (
+            f"plan_dataset expects at most {max_voxels:,} voxels per spec (all cohorts; about "
+            f"{2 * max_voxels / 1e12:.0f} TB of int16), but got voxels={n_voxels:,}. Fewer or smaller cases, "
+            f"several specs, or raise the cap with {MAX_VOXELS_ENV}."))])
 
 
 def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
