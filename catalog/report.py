@@ -98,8 +98,15 @@ def plot_organ_hu(rows: list[dict[str, Any]], ranges: dict[str, tuple[float, flo
 def _preview(catalog: Catalog, row: dict[str, Any]) -> str:
     from maisi_core.io import save_preview_png
 
-    image = np.asanyarray(load_nifti(catalog, row["image_uri"]).dataobj).astype(np.float32)
-    label = np.asanyarray(load_nifti(catalog, row["label_uri"]).dataobj)
+    try:
+        image = np.asanyarray(load_nifti(catalog, row["image_uri"]).dataobj).astype(np.float32)
+        label = np.asanyarray(load_nifti(catalog, row["label_uri"]).dataobj)
+    except Exception as exc:  # a missing or damaged file must not take the whole card down
+        reason = "missing" if isinstance(exc, FileNotFoundError) else " ".join(str(exc).split())[:160]
+        logger.warning("report: no preview for %s (%s)", row["sample_id"], reason)
+        note = (f"{row['sample_id']}: no preview, its image or label cannot be read ({reason}). "
+                "Run ctfactory catalog verify ROOT; ctfactory run regenerates missing files.")
+        return f"<figure><figcaption>{_esc(note)}</figcaption></figure>"
     buffer = io.BytesIO()
     save_preview_png(image, label, buffer)
     caption = f"{row['sample_id']} ({row['body_region']}, {row['pathology']}, seed {row['seed']})"

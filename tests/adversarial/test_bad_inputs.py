@@ -211,6 +211,7 @@ MASK_FAILS_CASE = {
 }
 
 
+@pytest.mark.slow
 def test_mask_broken_inside_fails_its_case_with_the_reason(inputs, tmp_path):
     """A real ``ctfactory run`` process (its own stderr and ephemeral Prefect): the last line is the cause."""
     import subprocess
