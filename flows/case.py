@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from catalog.schema import SampleRecord
+from flows.errors import CaseInputError
 from flows.plan import CaseRequest, attempt_seed, derive_seed, resolve_output_uri
 from flows.storage import publish_volume
 
@@ -296,11 +297,15 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
 
     Attempt ``k`` (0 .. ``qc.max_retries``) uses ``attempt_seed(request.seed, k)``. A mask that cannot
     be made (e.g. the tumour's host is outside the field of view) or a QC failure moves on to the next
-    attempt. An unusable input (a corrupt or malformed mask file, a map the model refuses: any other
-    ``MaisiError``) ends the case at once, since every attempt would fail alike. The first passing
-    attempt is written to ``ROOT/images`` and ``ROOT/labels``; when no attempt passes, nothing is
-    written and the record has ``status="failed"`` and the reasons. Other exceptions (a bug, a lost
-    device, storage down) propagate: the case is not recorded and a re-run retries it.
+    attempt. The first passing attempt is written to ``ROOT/images`` and ``ROOT/labels``; when no
+    attempt passes, nothing is written and the record has ``status="failed"`` and the reasons.
+
+    Raises:
+        CaseInputError: the input is unusable (a corrupt or malformed mask file, a map the model refuses:
+            any other ``MaisiError``). Every attempt would fail alike, and it is not the case's failure,
+            so nothing is recorded: fixing the input and running again generates the case.
+        Exception: anything else (a bug, a lost device, storage down) propagates unrecorded too; a
+            re-run retries the case.
     """
     from maisi_core.errors import MaisiError, MaskSourceError
     from maisi_core.io import save_image, save_label
@@ -319,14 +324,12 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
             reasons.append(f"attempt {attempt}: mask: {exc}")
             continue
         except MaisiError as exc:  # an unusable input file or map: every attempt would fail the same way
-            reasons.append(f"attempt {attempt}: input: {exc}")
-            break
+            raise CaseInputError(f"{request.sample_id}: mask: {exc}") from None
         t1 = time.perf_counter()
         try:
             volume = generator.generate(request, mask, seed=seed)
-        except MaisiError as exc:  # the model refused this mask (labels, geometry): recorded, not crashed
-            reasons.append(f"attempt {attempt}: generate: {exc}")
-            break
+        except MaisiError as exc:  # the model refused this mask (labels, geometry): an input, not a case failure
+            raise CaseInputError(f"{request.sample_id}: generate: {exc}") from None
         t2 = time.perf_counter()
         qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
                         **qc_options(request, mask))
@@ -350,7 +353,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
                        image_sha256=image.sha256, label_sha256=label.sha256,
                        image_bytes=image.n_bytes, label_bytes=label.n_bytes,
                        timings_s=timings, **last_qc)
-    attempts = min(attempt, request.qc.max_retries)
+    attempts = request.qc.max_retries
     logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False,

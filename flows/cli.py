@@ -57,7 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+    """Run the command line; return the process exit code.
+
+    SIGTERM and SIGINT stop a command gracefully (``finally`` blocks and Prefect's ``atexit`` stop of
+    its ephemeral server run) with exit code 143 or 130; see :func:`flows.lifetime.interrupt_on_signals`.
+    ``serve`` starts Prefect's ephemeral server outside any flow run, so its child-process watch
+    (the part of :mod:`flows.lifetime` that covers SIGKILL) is started here; ``run`` starts it in
+    :func:`flows.runtime.flow_run_settings`.
+    """
+    import signal
+
+    from flows.lifetime import interrupt_on_signals, start_descendant_watch_if_ephemeral
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -77,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         bad_input += (CatalogError,)
     except ImportError:  # pragma: no cover - catalog is part of the distribution
         pass
-    try:
-        return int(args.func(args) or 0)
-    except bad_input as exc:
-        print(f"ctfactory {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with interrupt_on_signals() as received:
+        try:
+            if args.command == "serve":
+                start_descendant_watch_if_ephemeral()
+            code = int(args.func(args) or 0)
+        except bad_input as exc:
+            print(f"ctfactory {args.command}: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            received.signum = received.signum or signal.SIGINT
+        if received.signum is not None:
+            print(f"ctfactory {args.command}: stopped by {signal.Signals(received.signum).name}.", file=sys.stderr)
+            return received.exit_code
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

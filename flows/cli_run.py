@@ -9,6 +9,7 @@ Prefect's ephemeral server needs no setup; this edge sets ``PREFECT_SERVER_EPHEM
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -146,22 +147,68 @@ def run_run(args: argparse.Namespace) -> int:
     from flows.generate import run_generate
     from flows.runtime import progress_listener
 
+    if not args.verbose:
+        _quiet_prefect_console()
     progress = _Progress(enabled=not args.no_progress)
     t0 = time.perf_counter()
     try:
         with progress_listener(progress):
             summary = run_generate(spec, output_root=args.out, storage_options=options)
     except Exception as exc:  # the cause is the last line, after whatever Prefect logged
+        from flows.errors import CasesCrashedError
+
         progress.close()
+        _drain_prefect()
         print(f"ctfactory run: {_cause(exc)}", file=sys.stderr)
-        return EXIT_FAILED_CASES
+        return EXIT_BAD_INPUT if isinstance(exc, CasesCrashedError) and exc.only_inputs else EXIT_FAILED_CASES
     finally:
         progress.close()
+    _drain_prefect()
     sys.stdout.write(_summary_table(summary, time.perf_counter() - t0))
     if progress.first_failure:
         print(f"ctfactory run: {progress.counts['failed']} case(s) failed and were recorded as failed; first "
               f"{progress.first_failure}", file=sys.stderr)
     return EXIT_OK
+
+
+class _PrefectErrorsOff:
+    """Drop Prefect's own ERROR records (run-failure tracebacks, shutdown noise) from the terminal.
+
+    ``ctfactory run`` prints the cause itself as its last line; ``-v`` shows Prefect's records again.
+    Records still reach Prefect's API handler, so a server's UI keeps the tracebacks.
+    """
+
+    _SERVICES = ("EventsWorker", "APILogWorker")  # Prefect's background senders; they log their shutdown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in self._SERVICES:
+            return False
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+def _drain_prefect() -> None:
+    """Send Prefect's queued events and logs now, so its shutdown prints nothing after our last line."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+    except ImportError:  # pragma: no cover - Prefect moved them; the exit drain still runs
+        return
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=10)
+        except Exception as exc:  # the run's outcome is decided; a failed flush is not news for the terminal
+            logging.getLogger(__name__).debug("draining %s failed: %s", service.__name__, exc)
+
+
+def _quiet_prefect_console() -> None:
+    """Filter the terminal handlers: the root logger's (where Prefect's records propagate) and Prefect's own."""
+    loggers = [logging.getLogger(), *(lg for name, lg in logging.Logger.manager.loggerDict.items()
+                                      if name.startswith("prefect") and isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if terminal and not any(isinstance(f, _PrefectErrorsOff) for f in handler.filters):
+                handler.addFilter(_PrefectErrorsOff())
 
 
 def _cause(exc: BaseException) -> str:
@@ -231,6 +278,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--storage-secret-block", metavar="NAME",
                      help="Prefect Secret block holding a JSON object of storage credentials")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.epilog = "Prefect's own error logs and tracebacks are shown with -v; the cause is always the last line."
     run.set_defaults(func=run_run)
 
     serve = subparsers.add_parser("serve", help="serve a folder of specs as scheduled Prefect deployments")

@@ -61,16 +61,38 @@ class ValidationInputError(FlowsError, ValueError):
     """Raised when a dataset or reference set cannot be validated (too few cases, no reference, no dataset row)."""
 
 
-class CasesCrashedError(FlowsError, RuntimeError):
-    """Raised when cases ended with an exception instead of a record (not committed; a re-run retries them)."""
+class CaseInputError(FlowsError, ValueError):
+    """Raised by a case whose input (a mask file, a label map the model refuses) is unusable.
 
-    def __init__(self, crashed: Sequence[str]) -> None:
+    The case is not recorded: fixing the input and running again generates it.
+    """
+
+
+class CasesCrashedError(FlowsError, RuntimeError):
+    """Raised when cases ended without a record: crashed, or refused for an unusable input.
+
+    Attributes:
+        crashed: ``"<sample_id>: <Type>: <message>"`` per case.
+        inputs: how many of them were input errors (:class:`CaseInputError`).
+    """
+
+    def __init__(self, crashed: Sequence[str], inputs: int = 0) -> None:
         self.crashed: tuple[str, ...] = tuple(crashed)
-        super().__init__(
-            f"generate_dataset expects every case to end with a record, but got {len(self.crashed)} crashed "
-            f"case(s), first {self.crashed[0] if self.crashed else '-'}. Committed cases are kept; fix the cause "
-            "and run again to retry the rest."
-        )
+        self.inputs = int(inputs)
+        first = self.crashed[0] if self.crashed else "-"
+        if self.crashed and self.inputs == len(self.crashed):
+            message = (f"generate_dataset expects usable inputs, but got {len(self.crashed)} case(s) with an unusable "
+                       f"input, first {first}. They were not recorded; fix the input and run again.")
+        else:
+            message = (f"generate_dataset expects every case to end with a record, but got {len(self.crashed)} case(s) "
+                       f"without one, first {first}. Committed cases are kept; fix the cause and run again to retry "
+                       "the rest.")
+        super().__init__(message)
+
+    @property
+    def only_inputs(self) -> bool:
+        """True when every case without a record was refused for its input (exit 2, not a crash)."""
+        return bool(self.crashed) and self.inputs == len(self.crashed)
 
     def __reduce__(self):  # keep the exception picklable across Prefect and Dask
-        return (type(self), (self.crashed,))
+        return (type(self), (self.crashed, self.inputs))

@@ -31,7 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from catalog.schema import SampleRecord
 from catalog.store import Catalog, open_catalog
 from flows.case import get_generator, run_case
-from flows.errors import CasesCrashedError
+from flows.errors import CaseInputError, CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
 from flows.preflight import preflight
 from flows.runtime import build_task_runner, current_code_version, flow_run_settings, notify
@@ -44,12 +44,19 @@ REPORT_NAME = "dataset_card.html"
 @task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
 def generate_case(request: CaseRequest, *, output_root: str, storage_options: dict[str, str] | None,
                   generator: str, device: str, decode_preset: str | None, code_version: str,
-                  precision: str = "auto") -> SampleRecord:
-    """Generate, check and write one case (the model is loaded once per worker process)."""
+                  precision: str = "auto") -> SampleRecord | CaseInputError:
+    """Generate, check and write one case (the model is loaded once per worker process).
+
+    Returns the record, or the :class:`CaseInputError` when the case's input is unusable (nothing
+    recorded; the flow reports it).
+    """
     storage_options = resolve_storage_options(storage_options)
     gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
-    return run_case(request, gen, output_root=output_root, storage_options=storage_options,
-                    code_version=code_version)
+    try:
+        return run_case(request, gen, output_root=output_root, storage_options=storage_options,
+                        code_version=code_version)
+    except CaseInputError as exc:  # returned, not raised: an input problem is not a task crash to log
+        return exc
 
 
 @task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
@@ -220,12 +227,18 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,
-                        storage_options, metadata: Mapping[str, Any]) -> tuple[list[SampleRecord], list[str]]:
-    """Commit records every ``batch_size`` results as they complete; return (records, crashed case errors)."""
+                        storage_options, metadata: Mapping[str, Any]) -> tuple[list[SampleRecord], list[str], int]:
+    """Commit records every ``batch_size`` results as they complete.
+
+    Returns:
+        The records, the cases that ended without one (``"<sample_id>: <cause>"``), and how many of
+        those were refused for an unusable input (:class:`CaseInputError`).
+    """
     logger = get_run_logger()
     records: list[SampleRecord] = []
     batch: list[SampleRecord] = []
     crashed: list[str] = []
+    inputs = 0
 
     def flush() -> None:
         if batch:
@@ -243,13 +256,18 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
             crashed.append(f"{request.sample_id}: {type(exc).__name__}: {exc}")
             notify("case", sample_id=request.sample_id, status="crashed", reason=f"{type(exc).__name__}: {exc}")
             continue
+        if isinstance(record, CaseInputError):  # an unusable input is not the case's failure: not recorded
+            inputs += 1
+            crashed.append(str(record))
+            notify("case", sample_id=request.sample_id, status="crashed", reason=str(record))
+            continue
         records.append(record)
         batch.append(record)
         notify("case", sample_id=record.sample_id, status=record.status, reason=record.failure_reason)
         if len(batch) >= batch_size:
             flush()
     flush()
-    return records, crashed
+    return records, crashed, inputs
 
 
 def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, output_root: str,
@@ -295,10 +313,10 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     t_generate = time.perf_counter()
     futures = _submit_cases(todo, spec, root, storage_options, version, gpu_resources)
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
-    records, crashed = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
+    records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
                                            storage_options=storage_options, metadata=meta)
     if crashed and not open_catalog(root, resolve_storage_options(storage_options)).exists("samples"):
-        raise CasesCrashedError(crashed)
+        raise CasesCrashedError(crashed, inputs)
     t_validate = time.perf_counter()
     metrics = _dataset_metrics(spec, plan.spec_id, changed=bool(records), output_root=root,
                                storage_options=storage_options)
@@ -309,7 +327,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
                              timings=timings, code_version=version, new_rows=len(records))
     summary["card_uri"] = publish_card(root, storage_options) if summary["n_samples"] else None
     if crashed:
-        raise CasesCrashedError(crashed)
+        raise CasesCrashedError(crashed, inputs)
     return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo)}
 
 

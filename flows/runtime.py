@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from flows.lifetime import start_descendant_watch
 from flows.spec import Runtime
 
 logger = logging.getLogger(__name__)
@@ -91,19 +92,25 @@ def build_task_runner(runtime: Runtime) -> RunnerChoice:
 
 @contextmanager
 def flow_run_settings() -> Iterator[None]:
-    """Prefect settings for a flow run started here: no flow-run heartbeat when the API is ephemeral.
+    """Prefect settings for a flow run started here; with an ephemeral API, its server dies with this process.
+
+    With ``PREFECT_API_URL`` unset the API is an ephemeral server that Prefect starts as a child
+    process and stops only from ``atexit``. :func:`flows.lifetime.start_descendant_watch` (once per
+    process) makes sure it, and any other child process, is stopped when this process dies, SIGKILL
+    included. With ``PREFECT_API_URL`` set the server is not ours and nothing is watched.
 
     Prefect's sync flow engine joins its heartbeat thread, which sleeps in 1 s steps, when a run ends:
     about 0.7 s added to every run (measured on 2 cores). The heartbeat events let a long-lived server
-    mark runs whose process died as crashed. With ``PREFECT_API_URL`` unset the API is an ephemeral
-    server that lives and dies with this process, so nothing can act on them, and they are switched
-    off. With ``PREFECT_API_URL`` set (a shared server, its UI, ``ctfactory serve``) they stay on.
+    mark runs whose process died as crashed. An ephemeral server lives and dies with this process, so
+    nothing can act on them, and they are switched off there. With ``PREFECT_API_URL`` set (a shared
+    server, its UI, ``ctfactory serve``) they stay on.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
         return
+    start_descendant_watch()
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 

@@ -204,15 +204,16 @@ def test_bad_user_mask_is_refused_before_any_case(name, inputs, tmp_path, capsys
     assert not root.exists()  # refused before anything was written
 
 
-# Broken deep inside the file: the case is recorded as failed with the reason, the others carry on.
+# Broken deep inside the file (found only when a case reads it): the case is refused, not recorded, and the
+# run ends with exit 2 and the cause as its last line. Fixing the file and running again generates it.
 MASK_FAILS_CASE = {
-    "truncated": "input: load_label expects a complete gzip stream, but got a truncated one",
-    "float": "input: load_label expects integer label IDs, but got the data of",
+    "truncated": "mask: load_label expects a complete gzip stream, but got a truncated one",
+    "float": "mask: load_label expects integer label IDs, but got the data of",
 }
 
 
 @pytest.mark.slow
-def test_mask_broken_inside_fails_its_case_with_the_reason(inputs, tmp_path):
+def test_mask_broken_inside_refuses_its_case_and_records_nothing(inputs, tmp_path):
     """A real ``ctfactory run`` process (its own stderr and ephemeral Prefect): the last line is the cause."""
     import subprocess
     import sys
@@ -220,28 +221,35 @@ def test_mask_broken_inside_fails_its_case_with_the_reason(inputs, tmp_path):
     from catalog.store import open_catalog
 
     root = tmp_path / "out"
-    cohorts = [SPEC.format(model="preset:tiny", out=root, size="[32, 32, 32]", spacing="[4.0, 4.0, 4.0]",
-                           mask=USER_MASK.format(path=inputs["masks"][name])).split("cohorts:\n")[1]
-               .split("runtime:")[0].replace("name: c", f"name: {name}").replace("count: 2", "count: 1")
-               for name in sorted(MASK_FAILS_CASE)]
+    masks = tmp_path / "masks"
+    cohorts = []
+    for name in sorted(MASK_FAILS_CASE):
+        (masks / name).mkdir(parents=True)
+        shutil.copy(inputs["masks"][name], masks / name / "m.nii.gz")
+        cohorts.append(SPEC.format(model="preset:tiny", out=root, size="[32, 32, 32]", spacing="[4.0, 4.0, 4.0]",
+                                   mask=USER_MASK.format(path=masks / name)).split("cohorts:\n")[1]
+                       .split("runtime:")[0].replace("name: c", f"name: {name}").replace("count: 2", "count: 1"))
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.split("cohorts:")[0].format(model="preset:tiny", out=root) + "cohorts:\n"
                     + "".join(cohorts) + "runtime: {device: cpu}\n")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-m", "flows", "run", str(spec), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "flows", "run", str(spec), "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    assert last.startswith("ctfactory run: 2 case(s) failed and were recorded as failed; first adv-")
-    rows = {r["cohort"]: r for r in open_catalog(root).read_table("samples").to_pylist()}
-    for name, reason in MASK_FAILS_CASE.items():
-        assert rows[name]["status"] == "failed" and reason in rows[name]["failure_reason"]
-        assert str(inputs["masks"][name]) in rows[name]["failure_reason"]
-    assert any(reason in last for reason in MASK_FAILS_CASE.values())
-    assert not (root / "images").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prefect", "spec.yaml"]
+    assert last.startswith("ctfactory run: generate_dataset expects usable inputs, but got 2 case(s) with an "
+                           "unusable input, first adv-")
+    assert any(reason in last for reason in MASK_FAILS_CASE.values()) and str(masks) in last
+    assert not open_catalog(root).exists("samples") and not (root / "images").exists()  # nothing recorded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks", "prefect", "spec.yaml"]
+
+    for name in MASK_FAILS_CASE:  # the user fixes the files; the next run generates both cases
+        (masks / name / "m.nii.gz").write_bytes(gzip.compress(_nifti_bytes(_mask_array())))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert open_catalog(root).read_table("samples").num_rows == 2
 
 
 MODEL_REFUSED = {

@@ -75,7 +75,7 @@ def test_secret_values_are_redacted_from_every_log_record(caplog):
     canary = f"canary-{uuid.uuid4().hex}"
     redact_values([canary])
     with caplog.at_level(logging.INFO):
-        logging.getLogger("prefect.flow_runs").warning("connecting with secret=%s", canary)
+        logging.getLogger("prefect.ctfactory_test").warning("connecting with secret=%s", canary)
         logging.getLogger("flows.anything").info(f"inline {canary} too")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert canary not in text and text.count("***") == 2
