@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     from maisi_core.presets import PRESETS
-    from maisi_core.weights import packaged_model_path
+    from maisi_core.model_dir import packaged_model_path
 
     print("presets (architectures, random weights until loaded):")
     for name in sorted(PRESETS):
@@ -96,7 +96,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from maisi_core.weights import verify_model_dir
+    from maisi_core.model_dir import verify_model_dir
 
     index = verify_model_dir(args.path)
     json.dump(index, sys.stdout, indent=2, sort_keys=True)

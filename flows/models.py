@@ -35,7 +35,7 @@ def preset_name(ref: str) -> str | None:
 
 
 def _model_dir_available(ref: str) -> bool:
-    from maisi_core.weights import INDEX_NAME, resolve_model_path
+    from maisi_core.model_dir import INDEX_NAME, resolve_model_path
 
     return (resolve_model_path(ref) / INDEX_NAME).is_file()
 
@@ -52,7 +52,7 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
     """
     from maisi_core.errors import ConfigError
     from maisi_core.presets import get_preset
-    from maisi_core.weights import read_model_config
+    from maisi_core.model_dir import read_model_config
 
     name = preset_name(ref)
     try:

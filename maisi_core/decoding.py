@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
-from monai.inferers import SlidingWindowInferer
+from typing import TYPE_CHECKING
 
 from maisi_core.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:  # the presets are plain data; torch and MONAI load with the decoder (planning needs neither)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ def select_decode_preset(free_memory_gb: float) -> DecodePreset:
 
 def free_cuda_memory_gb(device: torch.device) -> float:
     """Return the free memory of a CUDA device in GB."""
+    import torch
+
     free, _total = torch.cuda.mem_get_info(device)
     return free / 1024**3
 
@@ -89,6 +92,9 @@ def decode_latents(
     each axis of the window capped at the latent's, runs the decoder on the latents' device and
     accumulates the output on ``output_device``, so the peak memory of the decoder is set by the window.
     """
+    import torch
+    from monai.inferers import SlidingWindowInferer
+
     spatial = tuple(int(s) for s in latents.shape[2:])
     if roi_latent is None or math.prod(spatial) <= math.prod(int(r) for r in roi_latent):
         return decode_fn(latents).to(output_device)
