@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from catalog.errors import RecordError, SchemaMismatchError
 
-SCHEMA_VERSION = 3  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement
+SCHEMA_VERSION = 4  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
+# 4: samples.cpu_threads
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -61,6 +62,7 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("tumor_contrast_hu", pa.float64()),  # v3: median(tumour) - median(host ring), QC-measured
     pa.field("tumor_diameter_mm", pa.float64()),  # v3: equivalent-sphere diameter of the labelled tumour
     pa.field("label_agreement", _FLOAT_MAP),  # v3: structure -> fraction of voxels in its tissue HU range
+    pa.field("cpu_threads", pa.int32()),  # v4: torch CPU threads of the worker that made it; null in older rows
 ])
 
 DATASETS_SCHEMA = pa.schema([
@@ -84,7 +86,8 @@ DATASETS_SCHEMA = pa.schema([
 ])
 
 # Columns that do not take part in the "same content" check of an idempotent re-commit.
-VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at", "timings_s"})  # measured, not content
+# How and when a row was made, not what it is: two records differing only here are the same record.
+VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at", "timings_s", "cpu_threads", "schema_version"})
 METRIC_PREFIXES: tuple[str, ...] = ("fd_", "metric_", "diversity_", "memorisation_")
 
 
@@ -133,6 +136,7 @@ class SampleRecord:
     timings_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
     device: str = ""
     precision: str = ""
+    cpu_threads: int | None = None
     tumor_contrast_hu: float | None = None
     tumor_diameter_mm: float | None = None
     label_agreement: Mapping[str, float] = dataclasses.field(default_factory=dict)

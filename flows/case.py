@@ -279,20 +279,22 @@ def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
 
 
 def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attempt: int, code_version: str,
-            tumor_size_mm: float | None = None, **fields: Any) -> SampleRecord:
+            tumor_size_mm: float | None = None, cpu_threads: int | None = None, **fields: Any) -> SampleRecord:
     return SampleRecord(
         sample_id=request.sample_id, dataset=request.dataset, dataset_version=request.dataset_version,
         spec_id=request.spec_id, cohort=request.cohort, case_index=request.case_index, seed=seed, attempt=attempt,
         model_name=generator.model_name, model_digest=generator.model_digest, code_version=code_version,
         body_region=request.region_name, pathology=request.pathology, output_size=request.output_size,
         spacing_mm=request.spacing_mm, tumor_label=request.tumor_label, tumor_size_mm=tumor_size_mm,
-        device=generator.device, precision=str(getattr(generator, "precision", "")), **fields,
+        device=generator.device, precision=str(getattr(generator, "precision", "")), cpu_threads=cpu_threads,
+        **fields,
     )
 
 
 def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str,
              storage_options: Mapping[str, str] | None = None, code_version: str = "",
-             make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask) -> SampleRecord:
+             make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask,
+             cpu_threads: int | None = None) -> SampleRecord:
     """Generate, check and write one case; return its catalog record.
 
     Attempt ``k`` (0 .. ``qc.max_retries``) uses ``attempt_seed(request.seed, k)``. A mask that cannot
@@ -347,6 +349,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
                    **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": t4 - t_start}
         placed = [t.diameter_mm for t in mask.tumors if t.label == request.tumor_label]
         return _record(request, generator, seed=seed, attempt=attempt, code_version=code_version, status="passed",
+                       cpu_threads=cpu_threads,
                        qc_pass=True, tumor_size_mm=float(placed[0]) if placed else None,
                        mask_source=mask.mask_source, mask_id=mask.mask_id,
                        image_uri=request.image_uri, label_uri=request.label_uri,
@@ -356,7 +359,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
     attempts = request.qc.max_retries
     logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
-                   code_version=code_version, status="failed", qc_pass=False,
+                   code_version=code_version, status="failed", qc_pass=False, cpu_threads=cpu_threads,
                    mask_source=str(request.mask_source["type"]), qc_failures=last_failures,
                    failure_reason=" | ".join(reasons)[:4000], **last_qc,
                    timings_s={"case_total": time.perf_counter() - t_start})

@@ -136,7 +136,8 @@ def run_run(args: argparse.Namespace) -> int:
         options = _public_options(args, command="run")
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
-            batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision)
+            batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision,
+            threads=args.threads)
         from flows.plan import plan_dataset
         from flows.preflight import preflight
 
@@ -272,6 +273,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--dask-local", type=int, metavar="N", help="run cases on a temporary local Dask cluster")
     run.add_argument("--batch-size", type=int, metavar="N", help="records per catalog commit")
     run.add_argument("--max-workers", type=int, metavar="N", help="concurrent cases on CPU")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="torch CPU threads per worker process (overrides runtime.threads; default: the cores "
+                          "left after one, shared by the concurrent cases, at most 8)")
     run.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...; "
                           "credentials (AWS_SECRET_ACCESS_KEY, ...) stay in this process, never in Prefect")

@@ -34,7 +34,14 @@ from flows.case import get_generator, run_case
 from flows.errors import CaseInputError, CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
 from flows.preflight import preflight
-from flows.runtime import build_task_runner, current_code_version, flow_run_settings, notify
+from flows.runtime import (
+    build_task_runner,
+    current_code_version,
+    flow_run_settings,
+    notify,
+    resolved_threads,
+    set_cpu_threads,
+)
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
@@ -44,17 +51,19 @@ REPORT_NAME = "dataset_card.html"
 @task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
 def generate_case(request: CaseRequest, *, output_root: str, storage_options: dict[str, str] | None,
                   generator: str, device: str, decode_preset: str | None, code_version: str,
-                  precision: str = "auto") -> SampleRecord | CaseInputError:
+                  precision: str = "auto", threads: int | None = None) -> SampleRecord | CaseInputError:
     """Generate, check and write one case (the model is loaded once per worker process).
 
     Returns the record, or the :class:`CaseInputError` when the case's input is unusable (nothing
     recorded; the flow reports it).
     """
     storage_options = resolve_storage_options(storage_options)
+    if threads is not None:
+        set_cpu_threads(threads)
     gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
     try:
         return run_case(request, gen, output_root=output_root, storage_options=storage_options,
-                        code_version=code_version)
+                        code_version=code_version, cpu_threads=threads)
     except CaseInputError as exc:  # returned, not raised: an input problem is not a task crash to log
         return exc
 
@@ -215,6 +224,7 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
     import contextlib
 
     rt = spec.runtime
+    threads = resolved_threads(rt)
     annotate = contextlib.nullcontext()
     if gpu_resources:
         import dask
@@ -223,7 +233,8 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
     with annotate:
         return {generate_case.submit(c, output_root=output_root, storage_options=storage_options,
                                      generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
-                                     precision=rt.precision, code_version=version): c for c in cases}
+                                     precision=rt.precision, code_version=version, threads=threads): c
+                for c in cases}
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,

@@ -1,0 +1,58 @@
+"""Issue 12 item 2: CPU threads per worker are chosen so they do not oversubscribe, settable, and recorded."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.runtime import MAX_AUTO_THREADS, resolved_threads
+from flows.spec import Runtime
+
+
+@pytest.mark.parametrize("cores, workers, expected", [
+    (2, 1, 1),     # the CI box: one core for the orchestration, one for the case
+    (1, 1, 1),
+    (16, 1, MAX_AUTO_THREADS),
+    (16, 3, 5),
+    (4, 8, 1),
+])
+def test_automatic_threads_leave_a_core_and_share_the_rest(cores, workers, expected):
+    assert resolved_threads(Runtime(max_workers=workers), cpu_count=cores) == expected
+
+
+def test_dask_workers_each_get_the_share_of_one_case():
+    assert resolved_threads(Runtime(dask_local_workers=4, max_workers=4), cpu_count=16) == MAX_AUTO_THREADS
+
+
+def test_explicit_threads_win():
+    assert resolved_threads(Runtime(threads=3, max_workers=4), cpu_count=2) == 3
+    with pytest.raises(ValueError):
+        Runtime(threads=0)
+
+
+def test_run_case_records_the_threads_and_a_rerun_with_other_threads_is_the_same_record(tmp_path):
+    from catalog.store import open_catalog
+    from flows.case import SleepGenerator, run_case
+    from flows.plan import plan_dataset
+    from flows.spec import parse_spec
+
+    spec = parse_spec(f"""\
+name: thr
+version: "1"
+model: preset:tiny
+output_root: {tmp_path}
+cohorts:
+  - name: c
+    count: 1
+    body_region: chest
+    output_size: [32, 32, 32]
+    spacing_mm: [8, 8, 8]
+    qc: {{organ_hu_check: false}}
+""")
+    request = plan_dataset(spec).cases[0]
+    first = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), cpu_threads=1)
+    again = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), cpu_threads=4)
+    assert (first.cpu_threads, again.cpu_threads) == (1, 4)
+    cat = open_catalog(tmp_path)
+    version = cat.append_samples([first])
+    assert cat.append_samples([again]) == version  # threads are how it ran, not what it is
+    assert cat.read_table("samples", columns=["cpu_threads"])["cpu_threads"].to_pylist() == [1]
