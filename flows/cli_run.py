@@ -63,10 +63,15 @@ def run_check_spec(args: argparse.Namespace) -> int:
     from flows.plan import format_plan, plan_dataset
     from flows.spec import load_spec
 
+    from maisi_core.errors import MaisiError
+
+    from flows.preflight import check_mask_sources
+
     try:
         spec = load_spec(args.spec)
         plan = plan_dataset(spec)
-    except FlowsError as exc:
+        check_mask_sources(spec)  # every mask path exists and each user mask file has a usable header
+    except (FlowsError, MaisiError) as exc:
         return _bad("check-spec", exc)
     sys.stdout.write(format_plan(spec, plan))
     if preset_name(spec.model.ref) is None and spec.model.preset:

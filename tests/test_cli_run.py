@@ -65,3 +65,17 @@ def test_run_help_lists_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--out", "--device", "--dask-address", "--dask-local", "--storage-option"):
         assert flag in out
+
+
+def test_missing_mask_folder_stops_check_spec_and_run_before_any_case(tmp_path, capsys):
+    """Issue 12: the run used to retry the same error 3x per case and store six permanent failures."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((SPECS / "user_masks.yaml").read_text().replace("path: ./user_masks\n", "path: ./no-such-folder\n")
+                    .replace("output_root: ./ctfactory-user-masks", f"output_root: {tmp_path / 'out'}"))
+    for command in (["check-spec", str(spec)], ["run", str(spec), "--no-progress"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"ctfactory {command[0]}: Cohort[totalseg] mask_source expects an existing NIfTI file or "
+                       "folder, but got path='./no-such-folder', which does not exist. Fix mask_source.path "
+                       "(relative paths are read from the current folder)."]
+    assert not (tmp_path / "out").exists()
