@@ -237,6 +237,7 @@ def test_flow_on_s3(prefect_backend, tmp_path):
             assert fs.cat_file(f"ctf/tinyset/{row['image_uri']}") == (local / row["image_uri"]).read_bytes()
 
 
+@pytest.mark.slow  # starts two worker processes (about 18 s on 2 cores)
 def test_flow_dask_local_cluster_matches_sequential(prefect_backend, tmp_path):
     """About 15 s on 2 cores (two worker processes import torch and MONAI)."""
     spec = _spec(tmp_path / "seq")
