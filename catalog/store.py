@@ -2,26 +2,48 @@
 
 ``ROOT/catalog/samples`` holds one row per generated case and ``ROOT/catalog/datasets`` one row per
 dataset version. Every commit is a numbered Delta version that can be read back (time travel) and
-carries custom commit metadata (spec_id, code version, ...). Delta Lake makes concurrent appends
-from several processes safe, locally and on S3.
+carries custom commit metadata (spec_id, code version, ...).
+
+A sample_id is committed exactly once, even when several processes or machines append it at the same
+instant: each ``append_samples`` commit carries one Delta app transaction (``txn`` action) per bucket of
+its sample_ids, and Delta's conflict check refuses a commit whose app ids a concurrent commit also used
+(a plain append would be a blind append, which never conflicts). The loser re-reads the table, drops
+what is committed now and commits the rest, a few times with jittered backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
+import random
+import re
+import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.transaction import Transaction
 
 from catalog import fs as _fs
-from catalog.errors import CatalogNotFoundError, RecordError, RecordExistsError
+from catalog.errors import (
+    CatalogError,
+    CatalogNotFoundError,
+    CatalogReadError,
+    CommitConflictError,
+    RecordError,
+    RecordExistsError,
+    describe_cause,
+)
 from catalog.schema import (
     DATASETS_SCHEMA,
     SAMPLES_SCHEMA,
@@ -42,6 +64,19 @@ _HISTORY_SEARCH = 64
 ZORDER_COLUMNS: tuple[str, ...] = ("body_region", "pathology", "qc_pass")
 OPTIMIZE_ROW_GROUP_ROWS = 32_768
 _SCHEMAS = {"samples": SAMPLES_SCHEMA, "datasets": DATASETS_SCHEMA}
+# Exactly-once commits: a commit of sample_ids carries the app ids of their buckets (see module doc).
+# 4096 buckets keep the table state small (one txn entry per bucket, not per row) while two concurrent
+# commits of a few new sample_ids each rarely share a bucket by chance (that only costs a retry).
+APP_ID_PREFIX = "ctfactory.samples/"
+APP_ID_BUCKETS = 4096
+COMMIT_ATTEMPTS = 8
+COMMIT_BACKOFF_S = 0.05  # first retry waits up to this long (jittered); doubles per attempt
+COMMIT_BACKOFF_MAX_S = 1.0
+_READ_ERRORS: tuple[type[BaseException], ...] = (DeltaError, OSError, pa.ArrowException)
+_READ_HINT = "Check that ROOT is reachable and run `ctfactory catalog verify ROOT`."
+_COMMIT_FILE = re.compile(r"(\d{20})\.json")
+_CHECKPOINT_FILE = re.compile(r"(\d{20})\.checkpoint(\.[^/]+)?\.(parquet|json)")
+_FILE_ACTIONS = ("add", "remove", "cdc")
 
 
 def open_catalog(root_uri: str | Path, storage_options: Mapping[str, str] | None = None) -> Catalog:
@@ -80,25 +115,28 @@ class Catalog:
 
         Raises:
             CatalogNotFoundError: When the table or the version does not exist.
+            CatalogReadError: When the Delta log cannot be read (corrupt entry, unreachable store).
         """
         uri = self.table_uri(name)
-        try:
-            table = DeltaTable(uri, storage_options=self.storage_options or None)
-        except TableNotFoundError as exc:
-            raise CatalogNotFoundError(
-                f"Catalog expects a {name} table at {uri}, but got none. Append rows first or check ROOT."
-            ) from exc
-        if version is not None:
-            if not 0 <= version <= table.version():
+        with self.reading(name):
+            try:
+                table = DeltaTable(uri, storage_options=self.storage_options or None)
+            except TableNotFoundError as exc:
                 raise CatalogNotFoundError(
-                    f"Catalog expects a {name} version in [0, {table.version()}], but got version={version}."
-                )
-            table.load_as_version(version)
+                    f"Catalog expects a {name} table at {uri}, but got none. Append rows first or check ROOT."
+                ) from exc
+            if version is not None:
+                if not 0 <= version <= table.version():
+                    raise CatalogNotFoundError(
+                        f"Catalog expects a {name} version in [0, {table.version()}], but got version={version}."
+                    )
+                table.load_as_version(version)
         return table
 
     def exists(self, name: str = "samples") -> bool:
         """Return True when table ``name`` has at least one commit."""
-        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options or None)
+        with self.reading(name):
+            return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options or None)
 
     @property
     def version(self) -> int | None:
@@ -116,29 +154,62 @@ class Catalog:
                 is at most ``as_of``.
             columns: Columns to return (all when None).
             filter: A pyarrow expression pushed down to the Parquet scan.
+
+        Raises:
+            CatalogReadError: When the log or a data file it references cannot be read.
         """
         if name == "datasets":
-            table = self.delta_table("datasets").to_pyarrow_dataset().to_table(filter=filter)
+            with self.reading(name):
+                table = self.delta_table("datasets").to_pyarrow_dataset().to_table(filter=filter)
             table = conform_table(table, DATASETS_SCHEMA)
             if as_of is not None:
                 keep = pc.fill_null(pc.less_equal(table["samples_version"], as_of), True)
                 table = table.filter(keep)
         else:
-            dataset = self.delta_table(name, version=as_of).to_pyarrow_dataset()
-            present = set(dataset.schema.names)
-            scan_columns = None if columns is None else [c for c in columns if c in present]
-            table = conform_table(dataset.to_table(columns=scan_columns, filter=filter), _SCHEMAS[name])
+            with self.reading(name):
+                dataset = self.delta_table(name, version=as_of).to_pyarrow_dataset()
+                present = set(dataset.schema.names)
+                scan_columns = None if columns is None else [c for c in columns if c in present]
+                table = dataset.to_table(columns=scan_columns, filter=filter)
+            table = conform_table(table, _SCHEMAS[name])
         if columns is not None:
             table = table.select(list(columns))
         return table
 
+    @contextlib.contextmanager
+    def reading(self, name: str) -> Iterator[None]:
+        """Turn a deltalake, pyarrow or OS error raised while reading table ``name`` into a :class:`CatalogReadError`.
+
+        Catalog errors pass through unchanged. When the Delta log itself is unreadable, the error
+        names the bad log entry.
+        """
+        try:
+            yield
+        except CatalogError:
+            raise
+        except _READ_ERRORS as exc:
+            raise self._read_error(name, exc) from exc
+
+    def _read_error(self, name: str, exc: BaseException) -> CatalogReadError:
+        if not isinstance(exc, OSError):  # a log the kernel could not parse: find the entry by hand
+            try:
+                self.logged_data_files(name)
+            except CatalogReadError as located:
+                return located
+        return CatalogReadError.from_exception("Catalog", f"{name} table at {self.table_uri(name)}", exc,
+                                               _READ_HINT)
+
     # -- writing ----------------------------------------------------------------------------
     def append_samples(self, records: Iterable[SampleRecord | Mapping[str, Any]], *,
                        commit_metadata: Mapping[str, Any] | None = None) -> int:
-        """Append sample rows in one atomic commit; never overwrite an existing ``sample_id``.
+        """Append sample rows in one atomic commit; never overwrite or repeat a committed ``sample_id``.
 
-        Rows identical (ignoring ``created_at``) to committed ones are skipped, so re-committing a
-        batch is a no-op that returns the current version without a new commit.
+        Rows identical (ignoring the volatile columns ``created_at`` and ``timings_s``) to committed ones
+        are skipped, so re-committing a batch is a no-op that returns the current version without a new
+        commit, also when another process committed the same rows a moment earlier. Exactly once per
+        sample_id across processes and machines: the commit carries the Delta app ids of its
+        sample_ids' buckets, so of two concurrent commits sharing one the second fails Delta's conflict
+        check; it is then retried on a fresh read (up to ``COMMIT_ATTEMPTS`` times, jittered backoff).
 
         Args:
             records: :class:`SampleRecord` objects or row dicts.
@@ -150,6 +221,7 @@ class Catalog:
         Raises:
             RecordError: When a row breaks a catalog rule or a sample_id repeats within the batch.
             RecordExistsError: When a sample_id is committed already with different content.
+            CommitConflictError: When every attempt conflicted with concurrent writers.
         """
         rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
         for row in rows:
@@ -158,13 +230,50 @@ class Catalog:
             check_sample_row(row)
         _check_unique([r["sample_id"] for r in rows])
         new = rows_to_table(rows, SAMPLES_SCHEMA)
+        return self._retry_commits("append_samples", lambda: self._append_new_rows(new, commit_metadata))
+
+    def _append_new_rows(self, new: pa.Table, commit_metadata: Mapping[str, Any] | None) -> int:
+        """One attempt of :meth:`append_samples`: read, drop committed rows, commit the rest."""
         table = self._open_or_none("samples")
         if table is not None:
-            new = _drop_committed(table, new)
+            with self.reading("samples"):
+                new = _drop_committed(table, new)
             if new.num_rows == 0:
                 logger.info("append_samples: every row is committed already; no new version")
                 return table.version()
-        return self._commit("samples", new, "append_samples", commit_metadata, table=table)
+        read_version = -1 if table is None else table.version()
+        txns = [Transaction(app_id=a, version=read_version + 1, last_updated=int(time.time() * 1000))
+                for a in sample_app_ids(new["sample_id"].to_pylist())]
+        if table is not None:
+            return self._commit("samples", new, "append_samples", commit_metadata, table=table,
+                                app_transactions=txns)
+        # Creating the table: delta-rs checks no conflicts for a create and would retry it on top of a
+        # concurrent one, so create with mode="error" and no retry; the loser re-reads and appends.
+        try:
+            return self._commit("samples", new, "append_samples", commit_metadata, mode="error",
+                                app_transactions=txns)
+        except DeltaError as exc:
+            if not self.exists("samples"):
+                raise
+            raise _TableCreatedConcurrently(str(exc)) from exc
+
+    def _retry_commits(self, operation: str, attempt: Callable[[], int]) -> int:
+        """Run ``attempt`` until it commits; retry Delta commit conflicts with jittered backoff."""
+        for number in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                return attempt()
+            except (CommitFailedError, _TableCreatedConcurrently) as exc:
+                conflict = exc
+            logger.info("%s: commit conflict (attempt %d of %d), retrying: %s", operation, number,
+                        COMMIT_ATTEMPTS, conflict)
+            if number < COMMIT_ATTEMPTS:
+                cap = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (number - 1))
+                time.sleep(random.uniform(cap / 2, cap))
+        raise CommitConflictError(
+            f"{operation} expects a commit to succeed within {COMMIT_ATTEMPTS} attempts, but got "
+            f"{COMMIT_ATTEMPTS} conflicts with concurrent writers at {self.table_uri('samples')}, the last: "
+            f"{describe_cause(conflict)}. Run it again; committed rows are never repeated."
+        )
 
     def append_dataset(self, row: Mapping[str, Any], *, commit_metadata: Mapping[str, Any] | None = None) -> int:
         """Append one dataset-version row (spec, counts, metrics, model, licence) to ``datasets``.
@@ -186,33 +295,91 @@ class Catalog:
         table = rows_to_table([values], DATASETS_SCHEMA)
         return self._commit("datasets", table, "append_dataset", commit_metadata)
 
+    def remove_duplicate_samples(self, *, commit_metadata: Mapping[str, Any] | None = None
+                                 ) -> tuple[tuple[str, ...], int | None]:
+        """Keep one row per ``sample_id`` (the one committed first) in ONE atomic commit.
+
+        Older catalog versions could commit a sample_id twice under concurrent appends. The commit
+        replaces the rows of each repeated sample_id by its row from the earliest version (the first
+        in its file when one file holds several); older versions stay readable (time travel).
+
+        Returns:
+            The repeated sample_ids (sorted) and the new version, or ``((), None)`` when none repeats.
+        """
+        repeated: list[str] = []
+
+        def attempt() -> int:
+            table = self.delta_table("samples")
+            keep = self._earliest_rows_of_duplicates(table)
+            repeated[:] = [] if keep is None else sorted(keep["sample_id"].to_pylist())
+            if keep is None:
+                return -1
+            ids = ", ".join("'" + sid.replace("'", "''") + "'" for sid in repeated)
+            return self._commit("samples", keep, "remove_duplicate_samples", commit_metadata, table=table,
+                                mode="overwrite", predicate=f"sample_id IN ({ids})")
+
+        version = self._retry_commits("remove_duplicate_samples", attempt)
+        return tuple(repeated), (None if version < 0 else version)
+
+    def duplicate_sample_ids(self, *, as_of: int | None = None) -> dict[str, int]:
+        """Return ``{sample_id: row count}`` for every sample_id with more than one row at ``as_of``."""
+        return _repeated(self.read_table("samples", as_of=as_of, columns=["sample_id"]))
+
+    def _earliest_rows_of_duplicates(self, table: DeltaTable) -> pa.Table | None:
+        with self.reading("samples"):
+            dataset = table.to_pyarrow_dataset()
+            repeated = list(_repeated(dataset.to_table(columns=["sample_id"])))
+            if not repeated:
+                return None
+            rows = dataset.to_table(columns=[*dataset.schema.names, "__filename"],
+                                    filter=pc.field("sample_id").isin(repeated), use_threads=False)
+        first_version = self.logged_data_files("samples")
+        files = rows["__filename"].to_pylist()
+        order = sorted(range(rows.num_rows), key=lambda i: (first_version.get(files[i], 1 << 62), files[i], i))
+        seen: set[str] = set()
+        keep = []
+        for i, sid in ((i, rows["sample_id"][i].as_py()) for i in order):
+            if sid not in seen:
+                seen.add(sid)
+                keep.append(i)
+        return rows.drop_columns(["__filename"]).take(sorted(keep))
+
     def _open_or_none(self, name: str) -> DeltaTable | None:
-        try:
-            return DeltaTable(self.table_uri(name), storage_options=self.storage_options or None)
-        except TableNotFoundError:
-            return None
+        with self.reading(name):
+            try:
+                return DeltaTable(self.table_uri(name), storage_options=self.storage_options or None)
+            except TableNotFoundError:
+                return None
 
     def _commit(self, name: str, data: pa.Table, operation: str, metadata: Mapping[str, Any] | None, *,
-                table: DeltaTable | None = None) -> int:
+                table: DeltaTable | None = None, mode: str = "append", predicate: str | None = None,
+                app_transactions: Sequence[Transaction] = ()) -> int:
         custom = {str(k): str(v) for k, v in (metadata or {}).items()}
         token = uuid.uuid4().hex
         custom.update({"ctfactory.operation": operation, "ctfactory.rows": str(data.num_rows),
                        "ctfactory.schema_version": str(SCHEMA_VERSION), "ctfactory.commit_id": token})
         write_deltalake(
-            table if table is not None else self.table_uri(name), data, mode="append", schema_mode="merge",
-            storage_options=self.storage_options or None,
-            commit_properties=CommitProperties(custom_metadata=custom),
+            table if table is not None else self.table_uri(name), data, mode=mode, predicate=predicate,
+            schema_mode=None if predicate else "merge", storage_options=self.storage_options or None,
+            commit_properties=CommitProperties(custom_metadata=custom,
+                                               app_transactions=list(app_transactions) or None,
+                                               max_commit_retries=0 if mode == "error" else None),
         )
-        # Another writer may have committed right after us, so find our commit by its token.
-        table = table if table is not None else self.delta_table(name)
-        table.update_incremental()
-        version = table.version()
-        for entry in table.history(limit=_HISTORY_SEARCH):
-            if entry.get("ctfactory.commit_id") == token:
-                version = int(entry["version"])
-                break
+        version = self._find_commit(name, table, token)
         logger.info("%s: committed %d rows to %s as version %d", operation, data.num_rows, name, version)
         return version
+
+    def _find_commit(self, name: str, table: DeltaTable | None, token: str) -> int:
+        """Return the version of the commit carrying ``token`` (other writers may have committed since)."""
+        if table is not None:  # after a write the table object is at the version it committed
+            entry = table.history(limit=1)
+            if entry and entry[0].get("ctfactory.commit_id") == token:
+                return int(entry[0]["version"])
+        table = self.delta_table(name)
+        for entry in table.history(limit=_HISTORY_SEARCH):
+            if entry.get("ctfactory.commit_id") == token:
+                return int(entry["version"])
+        return table.version()
 
     def optimize(self, *, z_order: Sequence[str] = ZORDER_COLUMNS,
                  row_group_rows: int = OPTIMIZE_ROW_GROUP_ROWS) -> dict[str, Any]:
@@ -239,12 +406,15 @@ class Catalog:
         if table is None:
             return set()
         flt = None if status is None else pc.field("status") == status
-        ids = table.to_pyarrow_dataset().to_table(columns=["sample_id"], filter=flt)["sample_id"]
+        with self.reading("samples"):
+            ids = table.to_pyarrow_dataset().to_table(columns=["sample_id"], filter=flt)["sample_id"]
         return set(ids.to_pylist())
 
     def history(self, name: str = "samples") -> list[dict[str, Any]]:
         """Return the commits of table ``name``, newest first (version, timestamp, operation, metadata)."""
-        entries = self.delta_table(name).history()
+        table = self.delta_table(name)
+        with self.reading(name):
+            entries = table.history()
         return sorted(entries, key=lambda e: e.get("version", -1), reverse=True)
 
     def query(self, where: Any = None, *, as_of: int | None = None,
@@ -259,6 +429,97 @@ class Catalog:
         from catalog.query import query_sql
 
         return query_sql(self, statement, as_of=as_of)
+
+    def logged_data_files(self, name: str = "samples") -> dict[str, int]:
+        """Map every data file any version of table ``name`` mentions to the first version mentioning it.
+
+        Reads every JSON commit and checkpoint of ``_delta_log`` through fsspec (so it works on S3
+        too) and collects the paths of ``add``, ``remove`` and ``cdc`` actions, relative to the table
+        folder. Files that a later version removed (optimize, repair) are included: older versions
+        still reference them (time travel). A file only found in a checkpoint maps to its version.
+
+        Raises:
+            CatalogReadError: When a log entry cannot be read or parsed (the message names it).
+        """
+        table_uri = self.table_uri(name)
+        fs, log = _fs.filesystem(_fs.join_uri(table_uri, "_delta_log"), self.storage_options)
+        prefix = _fs.filesystem(table_uri, self.storage_options)[1].rstrip("/") + "/"
+        files: dict[str, int] = {}
+        with _reading_log_entry(log):
+            fs.invalidate_cache(log)
+            entries = sorted(fs.ls(log, detail=False))
+        for path in entries:
+            base = path.rsplit("/", 1)[-1]
+            match = _COMMIT_FILE.fullmatch(base) or _CHECKPOINT_FILE.fullmatch(base)
+            if match is None:
+                continue
+            version = int(match.group(1))
+            with _reading_log_entry(path):
+                found = (_parquet_log_paths(fs, path, log) if base.endswith(".parquet")
+                         else _json_log_paths(fs.cat_file(path), path))
+            for found_path in found:
+                rel = unquote(found_path)
+                rel = rel.split("://", 1)[-1] if "://" in rel else rel
+                rel = rel.removeprefix(prefix)
+                files[rel] = min(version, files.get(rel, version))
+        return files
+
+
+class _TableCreatedConcurrently(Exception):
+    """Another writer created the samples table between our read and our commit (retried)."""
+
+
+def sample_app_ids(sample_ids: Iterable[str]) -> list[str]:
+    """Return the Delta app ids a commit of ``sample_ids`` carries: one per bucket of sample_id hashes.
+
+    Two commits holding the same sample_id always share its app id, so Delta refuses the second.
+    """
+    buckets = {int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "big") % APP_ID_BUCKETS
+               for sid in sample_ids}
+    return [f"{APP_ID_PREFIX}{b:04d}" for b in sorted(buckets)]
+
+
+@contextlib.contextmanager
+def _reading_log_entry(path: str) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, pa.ArrowException) as exc:  # json.JSONDecodeError is a ValueError
+        raise CatalogReadError.from_exception(
+            "Catalog", f"Delta log entry {path}", exc,
+            "The Delta log is damaged; restore it from a backup (or re-run the commit that wrote it)."
+        ) from exc
+
+
+def _json_log_paths(raw: bytes, path: str) -> list[str]:
+    """Return the data-file paths of the actions in one JSON commit (or JSON checkpoint)."""
+    paths = []
+    lines = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty (a Delta commit holds at least its commitInfo)")
+    for line in lines:
+        action = json.loads(line)
+        for kind in _FILE_ACTIONS:
+            if isinstance(action.get(kind), dict) and action[kind].get("path"):
+                paths.append(action[kind]["path"])
+    return paths
+
+
+def _parquet_log_paths(fs: Any, path: str, log: str) -> list[str]:
+    """Return the data-file paths in one checkpoint part, following v2 checkpoint sidecars."""
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        paths = []
+        for kind in (*_FILE_ACTIONS, "sidecar"):
+            if kind in names:
+                column = parquet.read(columns=[f"{kind}.path"]).column(0)
+                found = [p for p in column.to_pylist() if p]
+                if kind == "sidecar":
+                    for sidecar in found:
+                        paths += _parquet_log_paths(fs, f"{log}/_sidecars/{unquote(sidecar)}", log)
+                else:
+                    paths += found
+    return paths
 
 
 def _drop_committed(table: DeltaTable, new: pa.Table) -> pa.Table:
@@ -282,6 +543,13 @@ def _drop_committed(table: DeltaTable, new: pa.Table) -> pa.Table:
             )
         keep.append(old is None)
     return new.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _repeated(ids: pa.Table) -> dict[str, int]:
+    """Return ``{sample_id: count}`` for the sample_ids that occur more than once in ``ids``."""
+    counts = ids.group_by("sample_id").aggregate([("sample_id", "count")])
+    counts = counts.filter(pc.greater(counts["sample_id_count"], 1))
+    return dict(zip(counts["sample_id"].to_pylist(), counts["sample_id_count"].to_pylist(), strict=True))
 
 
 def _check_unique(ids: Sequence[str]) -> None:

@@ -1,28 +1,64 @@
 """``ctfactory catalog query|history|verify|export`` and ``ctfactory report``: the catalog CLI.
 
 Each handler turns arguments into library calls and returns an exit code; bad input raises a
-:class:`catalog.errors.CatalogError`, which ``flows.cli`` prints as one line with exit code 2.
+:class:`catalog.errors.CatalogError`, which ``flows.cli`` prints as one line with exit code 2. So does
+a catalog that cannot be read (a corrupt Delta log, a missing data file, an unreachable store): every
+handler turns deltalake, pyarrow and OS errors into a one-line :class:`catalog.errors.CatalogReadError`.
+
+``catalog verify`` exits 0 when the catalog is clean, 1 when it found problems (a missing or altered
+volume, a repeated sample_id, a leftover file older than ``--min-age``) and 2 when it could not read
+the catalog.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 
-from catalog.errors import QueryError
+import pyarrow as pa
+from deltalake.exceptions import DeltaError
+
+from catalog.errors import CatalogError, CatalogReadError, QueryError
 from catalog.export import EXPORT_FORMATS, export_dataset
 from catalog.query import OUTPUT_FORMATS, QC_CHOICES, format_result, sample_filter, write_result
 from catalog.store import Catalog, open_catalog
-from catalog.verify import verify_catalog
+from catalog.verify import DEFAULT_MIN_AGE_S, check_data_files, repair_catalog, verify_catalog
 from flows.cli import parse_storage_options
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
+_READ_ERRORS: tuple[type[BaseException], ...] = (DeltaError, OSError, pa.ArrowException)
 
 
 def _open(args: argparse.Namespace) -> Catalog:
     return open_catalog(args.root, storage_options=parse_storage_options(args.storage_option))
+
+
+@contextlib.contextmanager
+def _reading(args: argparse.Namespace, action: str) -> Iterator[None]:
+    """Turn a deltalake, pyarrow or OS error of a catalog command into a one-line :class:`CatalogReadError`."""
+    try:
+        yield
+    except CatalogError:
+        raise
+    except _READ_ERRORS as exc:
+        raise CatalogReadError.from_exception(
+            f"catalog {action}", f"catalog at root={args.root!r}", exc,
+            "Check that ROOT is reachable and intact (ctfactory catalog verify ROOT)."
+        ) from exc
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--min-age expects a number of seconds >= 0, but got {text!r}.")
+    return value
 
 
 def _add_root(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +80,14 @@ def run_query(args: argparse.Namespace) -> int:
     if args.sql and any(v is not None for v in (args.region, args.pathology, args.qc)):
         raise QueryError("catalog query expects either --sql or the filters --region/--pathology/--qc, "
                          "but got both. Put the filters in the SQL WHERE clause.")
-    if args.sql:
-        table = cat.sql(args.sql, as_of=args.as_of)
-    else:
-        table = cat.query(sample_filter(region=args.region, pathology=args.pathology, qc=args.qc), as_of=args.as_of)
+    with _reading(args, "query"):
+        if args.sql:
+            # DuckDB would report a missing data file as an SQL error: check the files first
+            check_data_files(cat, "samples", version=args.as_of)
+            table = cat.sql(args.sql, as_of=args.as_of)
+        else:
+            where = sample_filter(region=args.region, pathology=args.pathology, qc=args.qc)
+            table = cat.query(where, as_of=args.as_of)
     if args.output:
         write_result(table, args.format, args.output)
     elif args.format == "parquet":
@@ -59,7 +99,8 @@ def run_query(args: argparse.Namespace) -> int:
 
 def run_history(args: argparse.Namespace) -> int:
     """Handle ``catalog history``: one line per commit, newest first (``--json`` for the raw entries)."""
-    entries = _open(args).history(args.table)
+    with _reading(args, "history"):
+        entries = _open(args).history(args.table)
     if args.json:
         _emit(json.dumps(entries, indent=1, default=str) + "\n")
         return EXIT_OK
@@ -73,16 +114,32 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """Handle ``catalog verify``: exit 1 when a referenced file is missing or altered."""
-    report = verify_catalog(_open(args), as_of=args.as_of, orphans=not args.no_orphans)
-    _emit(report.summary() + "\n")
+    """Handle ``catalog verify [--repair]``: exit 0 clean, 1 problems found, 2 (raised) could not read.
+
+    Problems: a passing row's file missing or altered, a repeated sample_id, or a leftover (stray
+    temporary file, untracked data file) older than ``--min-age``. With ``--repair`` the leftovers
+    and repeated rows are repaired first and the exit code reflects what remains.
+    """
+    cat = _open(args)
+    with _reading(args, "verify"):
+        report = verify_catalog(cat, as_of=args.as_of, orphans=not args.no_orphans, min_age_s=args.min_age)
+        _emit(report.summary() + "\n")
+        if args.repair:
+            result = repair_catalog(cat, report)
+            _emit(result.summary() + "\n")
+            if result.deduplicated:  # rows changed: check the new version
+                report = verify_catalog(cat, orphans=not args.no_orphans, min_age_s=args.min_age)
+            else:
+                report = report.after_repair(result)
+            _emit("after repair: " + report.summary() + "\n")
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Handle ``catalog export``."""
-    result = export_dataset(_open(args), args.dest, format=args.format, as_of=args.version,
-                            dataset_id=args.dataset_id, overwrite=args.overwrite)
+    with _reading(args, "export"):
+        result = export_dataset(_open(args), args.dest, format=args.format, as_of=args.version,
+                                dataset_id=args.dataset_id, overwrite=args.overwrite)
     _emit(f"exported {result.num_cases} cases of version {result.version} as {result.format} to {result.path}\n")
     return EXIT_OK
 
@@ -91,7 +148,8 @@ def run_report(args: argparse.Namespace) -> int:
     """Handle ``report``: write the HTML dataset card."""
     from catalog.report import write_report
 
-    path = write_report(_open(args), args.dest, as_of=args.version, max_previews=args.previews)
+    with _reading(args, "report"):
+        path = write_report(_open(args), args.dest, as_of=args.version, max_previews=args.previews)
     _emit(f"wrote {path}\n")
     return EXIT_OK
 
@@ -118,10 +176,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     history.add_argument("--json", action="store_true", help="print the raw commit entries as JSON")
     history.set_defaults(func=run_history)
 
-    verify = sub.add_parser("verify", help="check files against sha256/size; exit 1 on a problem")
+    verify = sub.add_parser(
+        "verify", help="check files, repeated sample_ids and leftovers; exit 0 clean, 1 problems, 2 unreadable",
+        description="Check every passing row's files against sha256 and size, every Delta data file, repeated "
+                    "sample_ids, stray temporary files and untracked data files. Exit 0: clean. Exit 1: a file "
+                    "missing or altered, a repeated sample_id, or a leftover older than --min-age (after "
+                    "--repair: what remains). Exit 2: the catalog could not be read (corrupt Delta log, missing "
+                    "data file, unreachable root).")
     _add_root(verify)
-    verify.add_argument("--as-of", type=int, metavar="N", help="samples table version")
-    verify.add_argument("--no-orphans", action="store_true", help="skip listing unreferenced files")
+    when = verify.add_mutually_exclusive_group()
+    when.add_argument("--as-of", type=int, metavar="N", help="samples table version")
+    when.add_argument("--repair", action="store_true",
+                      help="remove leftovers older than --min-age and keep the earliest row of each repeated "
+                           "sample_id (one atomic commit); missing or altered files are not repairable")
+    verify.add_argument("--min-age", type=_non_negative_seconds, default=DEFAULT_MIN_AGE_S, metavar="SECONDS",
+                        help="leftovers younger than this may be a write in progress: listed, not counted as a "
+                             f"problem, never removed (default {DEFAULT_MIN_AGE_S:.0f})")
+    verify.add_argument("--no-orphans", action="store_true", help="skip listing unreferenced volume files")
     verify.set_defaults(func=run_verify)
 
     export = sub.add_parser("export", help="export passing samples as nnU-Net v2, MSD or Croissant")

@@ -209,3 +209,23 @@ def test_optimize_keeps_rows_and_adds_a_version(tmp_path):
     assert sorted(cat.read_table()["sample_id"].to_pylist()) == before
     assert cat.history()[0]["ctfactory.operation"] == "optimize"
     assert cat.append_samples([make_record(1)]) == 3  # still idempotent after the rewrite
+
+
+def test_damaged_catalog_reads_raise_one_line_read_error(tmp_path):
+    """A deleted data file or a corrupt log entry is a CatalogReadError naming it, not a deltalake traceback."""
+    from catalog.errors import CatalogReadError
+
+    cat = open_catalog(tmp_path)
+    cat.append_samples([make_record(0)])
+    cat.append_samples([make_record(1)])
+    data = sorted((tmp_path / "catalog" / "samples").glob("*.parquet"))
+    data[0].unlink()
+    with pytest.raises(CatalogReadError, match=rf"^Catalog expects a readable samples table at .*catalog/samples, "
+                                               rf"but got error=FileNotFoundError: .*{data[0].name} not found") as exc:
+        cat.read_table()
+    assert "\n" not in str(exc.value) and isinstance(exc.value, OSError)
+    entry = tmp_path / "catalog" / "samples" / "_delta_log" / "00000000000000000001.json"
+    entry.write_text("{not json")
+    with pytest.raises(CatalogReadError, match=rf"^Catalog expects a readable Delta log entry {entry}, but got "
+                                               r"error=JSONDecodeError: "):
+        cat.history()
