@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,8 +28,20 @@ class SpecIssue:
     line: int | None = None
 
     def __str__(self) -> str:
+        """``file:line: <yaml.path> expects <rule>, but got ...``: the subject is the spec's own path."""
         where = f"{self.source}:{self.line}" if self.line else self.source
-        return f"{where}: {self.path or '<root>'}: {self.message}"
+        subject = self.path or "spec"
+        message = _MODEL_SUBJECT.sub(subject, self.message, count=1)
+        lead = message.split(" expects ", 1)[0].split(" on model ", 1)[0]
+        if " expects " in message and (lead in (subject, "spec") or subject.startswith((lead + ".", lead + "["))):
+            return f"{where}: {message}"  # the subject already says where
+        return f"{where}: {self.path or '<root>'}: {message}"
+
+
+# The spec models' class names (and ``Cohort.body_region``, ``Cohort[name]``) open validator messages; a
+# person reads the YAML path instead, so printing puts the path in their place.
+_MODEL_SUBJECT = re.compile(r"^(?:DatasetSpec|Cohort|Runtime|ModelRef|QCSettings|Tumor|Schedule|FolderMasks|"
+                            r"UserMasks|GeneratorMasks|PhantomMasks)(?:\.[A-Za-z_]+|\[[^\]]*\])?(?= )")
 
 
 class SpecError(FlowsError, ValueError):

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from flows.errors import SpecError
-from flows.spec_source import SourceMap, issue_from_pydantic, load_yaml
+from flows.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
 
 MAX_OUTPUT_VOX = 1024  # per axis: beyond any model's geometry, and 1024^3 float32 is already 4 GB
 SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
@@ -366,7 +366,8 @@ def validate_spec(data: Any, smap: SourceMap | None = None) -> DatasetSpec:
         spec = DatasetSpec.model_validate(data)
     except ValidationError as exc:
         names = _field_names()
-        issues = [issue_from_pydantic(e, smap, names) for e in exc.errors()]
+        errors = drop_missing_explained_by_typos(list(exc.errors()), names)
+        issues = [issue_from_pydantic(e, smap, names) for e in errors]
         issues.sort(key=lambda i: (i.line or 0, i.path))
         raise SpecError(issues) from None
     spec._source = smap

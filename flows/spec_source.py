@@ -152,6 +152,27 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def drop_missing_explained_by_typos(errors: list[Mapping[str, Any]],
+                                    field_names: Mapping[Path_, Iterable[str]]) -> list[Mapping[str, Any]]:
+    """Drop a "missing field" error when an unknown key next to it is a typo of that field.
+
+    ``body_regoin:`` gives pydantic two errors (``body_region`` missing, ``body_regoin`` not allowed); the
+    second, with its "Did you mean 'body_region'?", says all there is to say.
+    """
+    typos = set()
+    for err in errors:
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
+            parent = tuple(p for p in loc[:-1] if not isinstance(p, int))
+            close = difflib.get_close_matches(str(loc[-1]), [str(c) for c in field_names.get(parent, ())], n=1,
+                                              cutoff=0.6)
+            if close:
+                typos.add((*loc[:-1], close[0]))
+    return [e for e in errors if not (e["type"] == "missing"
+                                      and tuple(p for p in e["loc"] if not (isinstance(p, str) and p in _TAGS))
+                                      in typos)]
+
+
 def _hint(value: Any, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
@@ -175,11 +196,13 @@ def issue_from_pydantic(err: Mapping[str, Any], smap: SourceMap, field_names: Ma
         return smap.issue(loc[:-1], f"DatasetSpec expects more items in {parent}, but got no item [{loc[-1]}]. "
                                     "Give all of them.")
     elif kind == "missing":
-        text = f"DatasetSpec expects the field {name!r} here, but got {where} missing. Add it."
+        owner = format_path(loc[:-1]) or "spec"
+        text = f"{owner} expects the field {name!r}, but got none. Add it."
     elif kind == "extra_forbidden":
         parent = tuple(p for p in loc[:-1] if not isinstance(p, int))
         allowed = sorted(field_names.get(parent, ()))
-        text = (f"DatasetSpec expects only the fields {allowed}, but got {name}={_shown(value)}."
+        owner = format_path(loc[:-1]) or "spec"
+        text = (f"{owner} expects only the fields {allowed}, but got {name}={_shown(value)}."
                 f"{_hint(name, allowed)}")
     elif kind in ("value_error", "assertion_error"):
         text = str(err.get("ctx", {}).get("error", msg))

@@ -33,8 +33,9 @@ def test_check_spec_bad_exit_2_with_every_error(tmp_path, capsys):
     assert main(["check-spec", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ctfactory check-spec: 2 problems in the dataset spec:\n")
-    assert f"{bad}:7: cohorts[0].count: DatasetSpec expects a value greater than or equal to 1, but got count=-1." in err
-    assert f"{bad}:8: cohorts[0].body_region: Cohort.body_region expects one of" in err
+    assert f"{bad}:7: cohorts[0].count expects a value greater than or equal to 1, but got count=-1." in err
+    assert f"{bad}:8: cohorts[0].body_region expects one of" in err
+    assert "DatasetSpec" not in err and "Cohort." not in err  # the spec's vocabulary, not class names
     assert "Did you mean 'chest'?" in err
 
 
@@ -42,7 +43,7 @@ def test_check_spec_geometry_error_exit_2(tmp_path, capsys):
     bad = tmp_path / "geo.yaml"
     bad.write_text((SPECS / "demo.yaml").read_text().replace("[64, 64, 64]", "[64, 64, 60]", 1))
     assert main(["check-spec", str(bad)]) == 2
-    assert f"{bad}:20: cohorts[0].output_size: Cohort[chest_nodules] on model default expects each output size divisible by 16 (VAE and UNet downsampling), " \
+    assert f"{bad}:20: cohorts[0].output_size on model default expects each output size divisible by 16 (VAE and UNet downsampling), " \
            "but got output_size_vox=[64, 64, 60]. Next valid: [64, 64, 64]." in capsys.readouterr().err
 
 

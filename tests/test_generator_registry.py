@@ -37,7 +37,7 @@ def test_a_spec_naming_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     victim.mkdir()
     called = []
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: called.append(a))
-    with pytest.raises(SpecError, match=r"runtime\.generator: runtime\.generator expects one of \['maisi', "
+    with pytest.raises(SpecError, match=r"runtime\.generator expects one of \['maisi', "
                                         r"'sleep:SECONDS'\], but got generator='shutil:rmtree'\. A spec names a "
                                         r"registered generator, never code"):
         parse_spec(SPEC.format(root=tmp_path / "out", generator="shutil:rmtree"))

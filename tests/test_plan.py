@@ -58,7 +58,7 @@ def test_plan_checks_geometry_against_model_rules():
     text = SPEC.replace("model: preset:tiny", "model: {ref: /no/such/model, preset: maisi_ct_rflow}")
     with pytest.raises(SpecError) as info:
         plan_dataset(parse_spec(text, source="s.yaml"))
-    assert str(info.value) == ("s.yaml:11: cohorts[0].output_size: Cohort[chest] on model maisi_ct_rflow expects "
+    assert str(info.value) == ("s.yaml:11: cohorts[0].output_size on model maisi_ct_rflow expects "
                                "output_size x and y in [256, 384, 512], but got output_size_vox=[32, 32, 32].")
 
 

@@ -46,21 +46,21 @@ def test_anchors_and_aliases_within_the_budget_still_work():
 @pytest.mark.parametrize("levels", [7, 10])
 def test_billion_laughs_is_one_error_in_well_under_a_second(levels):
     t0 = time.perf_counter()
-    with pytest.raises(SpecError, match=r"^<string>:\d+: .*DatasetSpec expects at most 100000 YAML nodes with "
+    with pytest.raises(SpecError, match=r"^<string>:\d+: .* expects at most 100000 YAML nodes with "
                                         r"aliases expanded, but got more"):
         parse_spec(_laughs(levels))
     assert time.perf_counter() - t0 < 2.0
 
 
 def test_deep_nesting_is_one_error_not_a_recursion_error():
-    with pytest.raises(SpecError, match=r"DatasetSpec expects at most 64 levels of nesting, but got far more"):
+    with pytest.raises(SpecError, match=r" expects at most 64 levels of nesting, but got far more"):
         parse_spec("[" * 100_000)
-    with pytest.raises(SpecError, match=r"DatasetSpec expects at most 64 levels of nesting, but got more"):
+    with pytest.raises(SpecError, match=r" expects at most 64 levels of nesting, but got more"):
         parse_spec("a: " + "[" * 80 + "]" * 80)
 
 
 def test_control_characters_and_bad_bytes_are_one_line(tmp_path):
-    with pytest.raises(SpecError, match=r"DatasetSpec expects printable UTF-8 text, but got unacceptable "
+    with pytest.raises(SpecError, match=r"spec expects printable UTF-8 text, but got unacceptable "
                                         r"character #x0000"):
         parse_spec("name: x\x00\n")
     bad = tmp_path / "latin1.yaml"
@@ -74,13 +74,13 @@ def test_oversized_spec_is_refused_before_parsing(tmp_path):
     big.write_text("# " + "x" * MAX_SPEC_BYTES + "\n")
     with pytest.raises(SpecError, match=rf"load_spec expects a spec file of at most {MAX_SPEC_BYTES} bytes"):
         load_spec(big)
-    with pytest.raises(SpecError, match=rf"DatasetSpec expects a spec of at most {MAX_SPEC_BYTES} characters"):
+    with pytest.raises(SpecError, match=rf"spec expects a spec of at most {MAX_SPEC_BYTES} characters"):
         parse_spec("#" * (MAX_SPEC_BYTES + 1))
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [
     ("count: 1\n    body_region: chest", "count: true\n    body_region: chest",
-     r"cohorts\[0\]\.count: DatasetSpec expects a valid integer, but got count=True\."),
+     r"cohorts\[0\]\.count expects a valid integer, but got count=True\."),
 ])
 def test_nonsense_values_are_refused(old, new, message):
     with pytest.raises(SpecError, match=message):
@@ -92,7 +92,7 @@ def test_nonsense_values_are_refused(old, new, message):
                             r"cron='a b c d e' \(bad minute\)"),
     ('{cron: "0 25 * * *"}', r"but got cron='0 25 \* \* \*' \(bad hour\)"),
     ('{cron: "0 2 * *"}', r"but got cron='0 2 \* \*' \(not five fields\)"),
-    ('{cron: "0 2 * * *", timezone: Mars/Olympus}', r"Schedule expects an IANA timezone such as 'UTC' or "
+    ('{cron: "0 2 * * *", timezone: Mars/Olympus}', r"schedule expects an IANA timezone such as 'UTC' or "
                                                     r"'Europe/Berlin', but got timezone='Mars/Olympus'\."),
 ])
 def test_bad_schedules_are_refused(schedule, message):
@@ -102,6 +102,6 @@ def test_bad_schedules_are_refused(schedule, message):
 
 
 def test_absurd_output_size_is_refused_at_parse_time():
-    with pytest.raises(SpecError, match=r"cohorts\[0\]: Cohort expects output_size of at most 1024 voxels per axis "
+    with pytest.raises(SpecError, match=r"cohorts\[0\] expects output_size of at most 1024 voxels per axis "
                                         r"\(MAISI's largest is 512x512x768\), but got output_size=\[64, 64, 100000\]\."):
         parse_spec(GOOD.replace("output_size: [32, 32, 32]", "output_size: [64, 64, 100000]", 1))
