@@ -44,8 +44,11 @@ class SecretParameterError(FlowsError, ValueError):
 
 
 def is_secret_key(key: str) -> bool:
-    """True for storage option keys that hold credentials (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ...)."""
-    return bool(_SECRET_KEY.search(str(key)))
+    """True for storage option keys that hold credentials (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ...).
+
+    ``CTFACTORY_SECRET_BLOCK`` holds the *name* of a block, a reference that may be a parameter.
+    """
+    return str(key) != SECRET_BLOCK_OPTION and bool(_SECRET_KEY.search(str(key)))
 
 
 def split_storage_options(options: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from flows.errors import FlowsError
 from flows.secrets import (
     SecretParameterError,
     redact,
@@ -54,6 +55,21 @@ def test_split_keeps_credentials_out_of_the_public_options():
     assert sorted(public) == ["AWS_ALLOW_HTTP", "AWS_ENDPOINT_URL", "AWS_REGION"]
     assert sorted(secret) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                               "AZURE_STORAGE_ACCOUNT_KEY", "token"]
+
+
+def test_a_secret_block_reference_is_public_and_resolves_in_memory(prefect_backend):
+    from prefect.blocks.system import Secret
+
+    canary = f"canary-{uuid.uuid4().hex}"
+    Secret(value={"AWS_SECRET_ACCESS_KEY": canary, "AWS_ACCESS_KEY_ID": "id"}).save("ctf-canary", overwrite=True)
+    public, secret = split_storage_options({"AWS_ENDPOINT_URL": "http://s3", "CTFACTORY_SECRET_BLOCK": "ctf-canary"})
+    assert secret == {} and public["CTFACTORY_SECRET_BLOCK"] == "ctf-canary"  # a name, safe as a parameter
+    refuse_secret_options(public, who="submit")
+    resolved = resolve_storage_options(public)
+    assert resolved == {"AWS_ENDPOINT_URL": "http://s3", "AWS_SECRET_ACCESS_KEY": canary, "AWS_ACCESS_KEY_ID": "id"}
+    assert redact(f"x {canary} y") == "x *** y"
+    with pytest.raises(FlowsError, match="expects a Prefect Secret block named 'no-such-block', but got none"):
+        resolve_storage_options({"CTFACTORY_SECRET_BLOCK": "no-such-block"})
 
 
 def test_refusal_names_the_key_never_the_value():
