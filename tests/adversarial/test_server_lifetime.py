@@ -364,7 +364,7 @@ def test_run_sigterm_between_short_cases_unwinds_through_prefect(tmp_path):
         got, exited, left = _signal_and_measure(proc, tree, signal.SIGTERM)
         text = (tmp_path / "run.log").read_text()
         assert got == 143 and exited < LEFTOVER_TIMEOUT_S, text[-3000:]
-        assert "Crash detected! Execution was aborted by a termination signal." in text
+        # Prefect's own "Crash detected!" record stays off the terminal without -v (its server keeps it).
         assert "ctfactory run: stopped by SIGTERM." in text and "expects to stop within" not in text
         assert not left, f"left behind {LEFTOVER_TIMEOUT_S} s after SIGTERM: {left}"
     finally:
@@ -374,11 +374,12 @@ def test_run_sigterm_between_short_cases_unwinds_through_prefect(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGKILL, -9)])
-def test_serve_signal_leaves_no_process_behind(tmp_path, sig, code):
+@pytest.mark.parametrize("sig, codes", [(signal.SIGTERM, (0, 143)), (signal.SIGKILL, (-9,))])
+def test_serve_signal_leaves_no_process_behind(tmp_path, sig, codes):
     """``serve`` starts its ephemeral server outside any flow run.
 
-    Once serving, SIGTERM goes to the handler of Prefect's Runner, which stops it and exits with 0.
+    SIGTERM goes to the handler of Prefect's Runner once it serves (it stops and exits with 0), or to
+    ours (143) if it arrives while the Runner is still starting: both are clean exits.
     """
     specs = tmp_path / "specs"
     specs.mkdir()
@@ -393,7 +394,7 @@ def test_serve_signal_leaves_no_process_behind(tmp_path, sig, code):
         _wait_for(lambda: len(_api_post(port, "deployments/filter", {})) >= 2, 120, "the served deployments",
                   interval=0.5)
         got, exited, left = _signal_and_measure(proc, tree, sig)
-        assert got == code and exited < LEFTOVER_TIMEOUT_S, (tmp_path / "serve.log").read_text()[-3000:]
+        assert got in codes and exited < LEFTOVER_TIMEOUT_S, (tmp_path / "serve.log").read_text()[-3000:]
         assert not left, f"left behind {LEFTOVER_TIMEOUT_S} s after {signal.Signals(sig).name}: {left}"
         assert unrelated.poll() is None, "a process outside the serve's tree was signalled"
     finally:
