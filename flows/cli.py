@@ -98,10 +98,24 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             received.signum = received.signum or signal.SIGINT
+        except BrokenPipeError:  # the reader stopped early (`ctfactory ... | head`): nothing to report
+            _silence_stdout()
+            return 0
         if received.signum is not None:
             print(f"ctfactory {args.command}: stopped by {signal.Signals(received.signum).name}.", file=sys.stderr)
             return received.exit_code
         return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise BrokenPipeError again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests): nothing left to flush there
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

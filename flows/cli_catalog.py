@@ -33,6 +33,13 @@ EXIT_VERIFY_FAILED = 1
 _READ_ERRORS: tuple[type[BaseException], ...] = (DeltaError, OSError, pa.ArrowException)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, but got {text!r}")
+    return value
+
+
 def _open(args: argparse.Namespace) -> Catalog:
     return open_catalog(args.root, storage_options=parse_storage_options(args.storage_option))
 
@@ -88,6 +95,8 @@ def run_query(args: argparse.Namespace) -> int:
         else:
             where = sample_filter(region=args.region, pathology=args.pathology, qc=args.qc)
             table = cat.query(where, as_of=args.as_of)
+            table = table.sort_by("sample_id")  # a stable order; SQL results keep the order they ask for
+    table = _shape_result(table, args)
     if args.output:
         write_result(table, args.format, args.output)
     elif args.format == "parquet":
@@ -97,6 +106,33 @@ def run_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# What a person wants to see first; --columns picks others, --all shows every column.
+DEFAULT_TABLE_COLUMNS: tuple[str, ...] = ("sample_id", "cohort", "body_region", "pathology", "status", "qc_pass",
+                                          "tumor_contrast_hu", "image_uri")
+
+
+def _shape_result(table, args: argparse.Namespace):
+    """Pick the columns (``--columns``, ``--all``, or the short default set for ``--format table``) and ``--limit``.
+
+    Machine formats (json, csv, parquet) keep every column unless ``--columns`` names some.
+    """
+    if args.columns:
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in table.column_names]
+        if unknown:
+            from catalog.errors import QueryError
+            from maisi_core.errors import did_you_mean
+
+            raise QueryError(f"catalog query expects --columns from the result's columns, but got "
+                             f"column={unknown[0]!r}.{did_you_mean(unknown[0], table.column_names)}")
+        table = table.select(wanted)
+    elif args.format == "table" and not args.all and not args.sql:
+        table = table.select([c for c in DEFAULT_TABLE_COLUMNS if c in table.column_names])
+    if args.limit is not None:
+        table = table.slice(0, args.limit)
+    return table
+
+
 def run_history(args: argparse.Namespace) -> int:
     """Handle ``catalog history``: one line per commit, newest first (``--json`` for the raw entries)."""
     with _reading(args, "history"):
@@ -104,13 +140,24 @@ def run_history(args: argparse.Namespace) -> int:
     if args.json:
         _emit(json.dumps(entries, indent=1, default=str) + "\n")
         return EXIT_OK
+    _emit("version\ttime (UTC)\toperation\tmetadata\n")
     for entry in entries:
         custom = {k: v for k, v in entry.items() if k not in {
             "version", "timestamp", "operation", "operationParameters", "operationMetrics",
             "engineInfo", "clientVersion", "ctfactory.commit_id"}}
         meta = " ".join(f"{k}={v}" for k, v in sorted(custom.items()))
-        _emit(f"{entry.get('version')}\t{entry.get('timestamp')}\t{entry.get('operation')}\t{meta}\n")
+        _emit(f"{entry.get('version')}\t{_iso_time(entry.get('timestamp'))}\t{entry.get('operation')}\t{meta}\n")
     return EXIT_OK
+
+
+def _iso_time(millis: object) -> str:
+    """Delta's commit timestamp (epoch milliseconds) as ISO-8601 UTC, e.g. ``2026-12-02T12:30:55.123Z``."""
+    from datetime import datetime, timezone
+
+    if not isinstance(millis, (int, float)):
+        return str(millis)
+    moment = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -168,6 +215,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--as-of", type=int, metavar="N", help="samples table version (time travel)")
     query.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     query.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    query.add_argument("--columns", metavar="A,B,...", help="columns to show (default for --format table: "
+                       + ",".join(DEFAULT_TABLE_COLUMNS) + "; json/csv/parquet: all)")
+    query.add_argument("--all", action="store_true", help="every column in --format table")
+    query.add_argument("--limit", type=_positive, metavar="N", help="at most N rows")
     query.set_defaults(func=run_query)
 
     history = sub.add_parser("history", help="list the commits (versions) of the catalog")

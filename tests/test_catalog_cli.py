@@ -50,10 +50,43 @@ def test_cli_bad_input_exits_2_with_one_line(root, capsys):
 
 
 def test_cli_history_lists_versions_with_metadata(root, capsys):
+    import re
+
     assert main(["catalog", "history", str(root)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["1", "0"]
-    assert "spec_id=s1" in lines[0] and "ctfactory.rows=1" in lines[0]
+    assert lines[0] == "version\ttime (UTC)\toperation\tmetadata"
+    assert [line.split("\t")[0] for line in lines[1:]] == ["1", "0"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[1].split("\t")[1])  # ISO-8601, not epoch ms
+    assert "spec_id=s1" in lines[1] and "ctfactory.rows=1" in lines[1]
+
+
+def test_cli_query_table_shows_a_short_sorted_column_set(root, capsys):
+    from flows.cli_catalog import DEFAULT_TABLE_COLUMNS
+
+    assert main(["catalog", "query", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [c for c in DEFAULT_TABLE_COLUMNS]
+    assert [line.split()[0] for line in out[1:-1]] == ["case_0000", "case_0001", "case_0002", "case_0003"]
+    assert main(["catalog", "query", str(root), "--columns", "sample_id,seed", "--limit", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["sample_id", "seed"] and out[-1] == "(2 rows)"
+    assert main(["catalog", "query", str(root), "--all"]) == 0
+    assert "organ_hu_median" in capsys.readouterr().out.splitlines()[0]
+    assert main(["catalog", "query", str(root), "--columns", "sample_ig"]) == 2
+    assert "got column='sample_ig'. Did you mean 'sample_id'?" in capsys.readouterr().err
+
+
+def test_cli_broken_pipe_ends_quietly(tmp_path):
+    """``ctfactory ... | head`` used to end in a BrokenPipeError traceback (issue 12)."""
+    import subprocess
+    import sys
+
+    for command in (["models", "info", "default"], ["catalog", "query", str(tmp_path / "none"), "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "flows", *command], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the first write: every write meets a broken pipe
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0 and err == "", err[-2000:]
 
 
 def test_cli_verify_exit_codes(root, capsys):
