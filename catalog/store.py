@@ -275,6 +275,51 @@ class Catalog:
             f"{describe_cause(conflict)}. Run it again; committed rows are never repeated."
         )
 
+    def replace_failed_samples(self, records: Iterable[SampleRecord | Mapping[str, Any]], *,
+                               commit_metadata: Mapping[str, Any] | None = None) -> int:
+        """Replace committed *failed* rows by new records of the same sample_ids, in one atomic commit.
+
+        What ``ctfactory run --retry-failed`` commits: a recorded failure generated again on new attempt
+        seeds. The failed row stays readable in earlier versions (time travel), so nothing is lost. A
+        sample_id whose row is no longer failed when the commit is made (another run retried it first)
+        keeps that row and the new record is dropped; a sample_id not committed at all is appended. The
+        commit carries the app ids of its sample_ids like :meth:`append_samples`, so it conflicts with
+        any concurrent commit of the same ids and is retried on a fresh read.
+
+        Returns:
+            The table version holding the rows.
+        """
+        rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
+        for row in rows:
+            row.setdefault("created_at", utc_now())
+            row.setdefault("schema_version", SCHEMA_VERSION)
+            check_sample_row(row)
+        _check_unique([r["sample_id"] for r in rows])
+        new = rows_to_table(rows, SAMPLES_SCHEMA)
+
+        def attempt() -> int:
+            table = self._open_or_none("samples")
+            if table is None:
+                return self._append_new_rows(new, commit_metadata)
+            ids = new["sample_id"].to_pylist()
+            with self.reading("samples"):
+                current = table.to_pyarrow_dataset().to_table(columns=["sample_id", "status"],
+                                                             filter=pc.field("sample_id").isin(ids)).to_pylist()
+            failed = sorted({r["sample_id"] for r in current if r["status"] == "failed"})
+            absent = set(ids) - {r["sample_id"] for r in current}
+            if absent:
+                self._append_new_rows(new.filter(pc.field("sample_id").isin(sorted(absent))), commit_metadata)
+            if not failed:
+                return self.delta_table("samples").version()
+            keep = new.filter(pc.field("sample_id").isin(failed))
+            txns = [Transaction(app_id=a, version=table.version() + 1, last_updated=int(time.time() * 1000))
+                    for a in sample_app_ids(failed)]
+            listed = ", ".join("'" + sid.replace("'", "''") + "'" for sid in failed)
+            return self._commit("samples", keep, "replace_failed_samples", commit_metadata, table=table,
+                                mode="overwrite", predicate=f"sample_id IN ({listed})", app_transactions=txns)
+
+        return self._retry_commits("replace_failed_samples", attempt)
+
     def append_dataset(self, row: Mapping[str, Any], *, commit_metadata: Mapping[str, Any] | None = None) -> int:
         """Append one dataset-version row (spec, counts, metrics, model, licence) to ``datasets``.
 
@@ -360,7 +405,7 @@ class Catalog:
                        "ctfactory.schema_version": str(SCHEMA_VERSION), "ctfactory.commit_id": token})
         write_deltalake(
             table if table is not None else self.table_uri(name), data, mode=mode, predicate=predicate,
-            schema_mode=None if predicate else "merge", storage_options=self.storage_options or None,
+            schema_mode="merge", storage_options=self.storage_options or None,
             commit_properties=CommitProperties(custom_metadata=custom,
                                                app_transactions=list(app_transactions) or None,
                                                max_commit_retries=0 if mode == "error" else None),

@@ -317,7 +317,8 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
     reasons: list[str] = []
     last_failures: tuple[str, ...] = ()
     last_qc: dict[str, Any] = {}
-    for attempt in range(request.qc.max_retries + 1):
+    first = request.first_attempt
+    for attempt in range(first, first + request.qc.max_retries + 1):
         seed = attempt_seed(request.seed, attempt)
         t0 = time.perf_counter()
         try:
@@ -356,8 +357,9 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
                        image_sha256=image.sha256, label_sha256=label.sha256,
                        image_bytes=image.n_bytes, label_bytes=label.n_bytes,
                        timings_s=timings, **last_qc)
-    attempts = request.qc.max_retries
-    logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1, reasons[-1] if reasons else "")
+    attempts = first + request.qc.max_retries
+    logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1 - first,
+                reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False, cpu_threads=cpu_threads,
                    mask_source=str(request.mask_source["type"]), qc_failures=last_failures,

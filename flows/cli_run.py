@@ -119,7 +119,8 @@ def _summary_table(summary: dict[str, Any], wall_s: float) -> str:
     lines = [f"dataset {summary['dataset']} v{summary['dataset_version']}  spec_id {summary['spec_id']}  "
              f"catalog samples version {summary['samples_version']}",
              f"generated {summary['generated']}  skipped (already committed) {summary['skipped']}  "
-             f"wall {wall_s:.1f} s",
+             + (f"retried failures {summary['retried']}  " if summary.get("retried") else "")
+             + f"wall {wall_s:.1f} s",
              f"{'cohort':<20} {'rows':>6}"]
     lines += [f"{name:<20} {count:>6}" for name, count in summary["cohort_counts"].items()]
     lines.append(f"{'total':<20} {summary['n_samples']:>6}  passed {summary['n_passed']}  failed {summary['n_failed']}")
@@ -159,7 +160,8 @@ def run_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with progress_listener(progress):
-            summary = run_generate(spec, output_root=args.out, storage_options=options)
+            summary = run_generate(spec, output_root=args.out, storage_options=options,
+                                   retry_failed=args.retry_failed)
     except Exception as exc:  # the cause is the last line, after whatever Prefect logged
         from flows.errors import CasesCrashedError
 
@@ -172,8 +174,11 @@ def run_run(args: argparse.Namespace) -> int:
     _drain_prefect()
     sys.stdout.write(_summary_table(summary, time.perf_counter() - t0))
     if progress.first_failure:
-        print(f"ctfactory run: {progress.counts['failed']} case(s) failed and were recorded as failed; first "
-              f"{progress.first_failure}", file=sys.stderr)
+        done = progress.counts["passed"] + progress.counts["failed"]
+        print(f"ctfactory run: {progress.counts['failed']} of {done} case(s) failed QC and were recorded as failed; "
+              f"first {progress.first_failure}. Try new seeds with: ctfactory run SPEC --retry-failed",
+              file=sys.stderr)
+        return EXIT_FAILED_CASES
     return EXIT_OK
 
 
@@ -286,6 +291,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "credentials (AWS_SECRET_ACCESS_KEY, ...) stay in this process, never in Prefect")
     run.add_argument("--storage-secret-block", metavar="NAME",
                      help="Prefect Secret block holding a JSON object of storage credentials")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="generate the recorded failures again on new attempt seeds; their rows are replaced "
+                          "(the failed rows stay readable with catalog query --as-of)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.epilog = "Prefect's own error logs and tracebacks are shown with -v; the cause is always the last line."
     run.set_defaults(func=run_run)

@@ -148,10 +148,36 @@ def _recorded_dataset_row(cat: Catalog, spec_id: str) -> dict[str, Any] | None:
 
 @task(name="commit-records", cache_policy=NO_CACHE, persist_result=False)
 def commit_records(records: list[SampleRecord], *, output_root: str, storage_options: dict[str, str] | None,
-                   metadata: Mapping[str, Any]) -> int:
-    """Append one batch of records in one catalog commit; return the version."""
+                   metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()) -> int:
+    """Commit one batch of records; return the version.
+
+    New cases are appended; cases in ``retried`` (recorded failures generated again by ``--retry-failed``)
+    replace their failed rows in one atomic commit (the failed rows stay in earlier versions).
+    """
     storage_options = resolve_storage_options(storage_options)
-    return open_catalog(output_root, storage_options).append_samples(records, commit_metadata=metadata)
+    cat = open_catalog(output_root, storage_options)
+    again = [r for r in records if r.sample_id in retried]
+    fresh = [r for r in records if r.sample_id not in retried]
+    version = -1
+    if fresh:
+        version = cat.append_samples(fresh, commit_metadata=metadata)
+    if again:
+        version = cat.replace_failed_samples(again, commit_metadata={**metadata, "ctfactory.retry_failed": "true"})
+    return version
+
+
+@task(name="find-failed", cache_policy=NO_CACHE, persist_result=False)
+def find_failed(output_root: str, storage_options: dict[str, str] | None, spec_id: str) -> dict[str, int]:
+    """Return ``{sample_id: last attempt}`` of the recorded failures of ``spec_id``."""
+    import pyarrow.compute as pc
+
+    storage_options = resolve_storage_options(storage_options)
+    cat = open_catalog(output_root, storage_options)
+    if not cat.exists("samples"):
+        return {}
+    rows = cat.read_table("samples", columns=["sample_id", "attempt"],
+                          filter=(pc.field("spec_id") == spec_id) & (pc.field("status") == "failed")).to_pylist()
+    return {r["sample_id"]: int(r["attempt"] or 0) for r in rows}
 
 
 @task(name="record-dataset", cache_policy=NO_CACHE, persist_result=False)
@@ -238,7 +264,8 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,
-                        storage_options, metadata: Mapping[str, Any]) -> tuple[list[SampleRecord], list[str], int]:
+                        storage_options, metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()
+                        ) -> tuple[list[SampleRecord], list[str], int]:
     """Commit records every ``batch_size`` results as they complete.
 
     Returns:
@@ -254,7 +281,7 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
     def flush() -> None:
         if batch:
             version = commit_records(list(batch), output_root=output_root, storage_options=storage_options,
-                                     metadata=metadata)
+                                     metadata=metadata, retried=retried & {r.sample_id for r in batch})
             notify("committed", version=version, rows=len(batch))
             logger.info("committed %d records as samples version %s", len(batch), version)
             batch.clear()
@@ -298,7 +325,8 @@ def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, output_r
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
 def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_options: dict[str, str] | None = None,
-                     code_version: str | None = None, gpu_resources: bool = False) -> dict[str, Any]:
+                     code_version: str | None = None, gpu_resources: bool = False,
+                     retry_failed: bool = False) -> dict[str, Any]:
     """Generate (or complete) the dataset a spec describes and return its dataset summary.
 
     Args:
@@ -307,6 +335,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
         storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`flows.storage`).
         code_version: code version recorded on every row (computed here when None).
         gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
+        retry_failed: generate the recorded failures again, on the attempt seeds after their last one, and
+            replace their rows (``ctfactory run --retry-failed``).
     """
     t0 = time.perf_counter()
     logger = get_run_logger()
@@ -317,7 +347,9 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     refuse_secret_options(storage_options, who="generate_dataset")
     preflight(spec, output_root=root, storage_options=storage_options, load_model=False)
     done = find_committed(root, storage_options, plan.spec_id)
-    todo = [c for c in plan.cases if c.sample_id not in done]
+    failed = find_failed(root, storage_options, plan.spec_id) if retry_failed else {}
+    todo = [c.model_copy(update={"first_attempt": failed[c.sample_id] + 1}) if c.sample_id in failed else c
+            for c in plan.cases if c.sample_id not in done or c.sample_id in failed]
     notify("planned", total=len(plan.cases), skipped=len(plan.cases) - len(todo), todo=len(todo))
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
                 len(plan.cases) - len(todo), len(todo))
@@ -325,7 +357,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     futures = _submit_cases(todo, spec, root, storage_options, version, gpu_resources)
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
-                                           storage_options=storage_options, metadata=meta)
+                                                   storage_options=storage_options, metadata=meta,
+                                                   retried=frozenset(failed))
     if crashed and not open_catalog(root, resolve_storage_options(storage_options)).exists("samples"):
         raise CasesCrashedError(crashed, inputs)
     t_validate = time.perf_counter()
@@ -339,11 +372,11 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     summary["card_uri"] = publish_card(root, storage_options) if summary["n_samples"] else None
     if crashed:
         raise CasesCrashedError(crashed, inputs)
-    return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo)}
+    return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo), "retried": len(failed)}
 
 
 def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
-                 storage_options: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 storage_options: Mapping[str, str] | None = None, retry_failed: bool = False) -> dict[str, Any]:
     """Run :func:`generate_dataset` with the task runner the spec's runtime section asks for.
 
     Credentials among ``storage_options`` (``AWS_SECRET_ACCESS_KEY``, ...) never reach the flow's
@@ -356,4 +389,5 @@ def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
     configured = generate_dataset.with_options(task_runner=choice.runner)
     with flow_run_settings():
         return configured(spec, output_root=output_root, storage_options=dict(storage_options or {}) or None,
-                          code_version=current_code_version(), gpu_resources=choice.gpu_resources)
+                          code_version=current_code_version(), gpu_resources=choice.gpu_resources,
+                          retry_failed=retry_failed)

@@ -71,6 +71,7 @@ class CaseRequest(BaseModel):
     mask_source: dict[str, Any]
     qc: QCSettings
     num_inference_steps: int | None
+    first_attempt: int = 0  # > 0 when ``run --retry-failed`` retries a recorded failure on new attempt seeds
     image_uri: str  # relative to the output root
     label_uri: str
 
