@@ -22,12 +22,12 @@ import pyarrow.compute as pc
 
 from catalog import fs as _fs
 from catalog.croissant import build_croissant
+from catalog.choices import EXPORT_FORMATS  # re-exported: the CLI reads it without this module
 from catalog.errors import ExportError, ExportExistsError
 from catalog.store import Catalog
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS: tuple[str, ...] = ("nnunet", "msd", "croissant")
 FILE_ENDING = ".nii.gz"
 _SUBDIRS = ("imagesTr", "labelsTr", "data")
 _FILES = ("dataset.json", "croissant.json", "samples.csv")

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from catalog.choices import OUTPUT_FORMATS, QC_CHOICES  # re-exported: the CLI reads them without this module
 from catalog.errors import QueryError
 from catalog.schema import DATASETS_SCHEMA, SAMPLES_SCHEMA, conform_table
 
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-QC_CHOICES: tuple[str, ...] = ("pass", "fail")
-OUTPUT_FORMATS: tuple[str, ...] = ("table", "json", "csv", "parquet")
 
 
 def sample_filter(*, region: str | None = None, pathology: str | None = None, qc: str | None = None,

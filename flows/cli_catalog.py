@@ -22,8 +22,7 @@ import pyarrow as pa
 from deltalake.exceptions import DeltaError
 
 from catalog.errors import CatalogError, CatalogReadError, QueryError
-from catalog.export import EXPORT_FORMATS, export_dataset
-from catalog.query import OUTPUT_FORMATS, QC_CHOICES, format_result, sample_filter, write_result
+from catalog.choices import EXPORT_FORMATS, OUTPUT_FORMATS, QC_CHOICES
 from catalog.store import Catalog, open_catalog
 from catalog.verify import DEFAULT_MIN_AGE_S, check_data_files, repair_catalog, verify_catalog
 from flows.cli import parse_storage_options
@@ -83,6 +82,8 @@ def _emit(text: str | bytes) -> None:
 
 def run_query(args: argparse.Namespace) -> int:
     """Handle ``catalog query``."""
+    from catalog.query import format_result, sample_filter, write_result
+
     cat = _open(args)
     if args.sql and any(v is not None for v in (args.region, args.pathology, args.qc)):
         raise QueryError("catalog query expects either --sql or the filters --region/--pathology/--qc, "
@@ -185,6 +186,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Handle ``catalog export``."""
     with _reading(args, "export"):
+        from catalog.export import export_dataset
+
         result = export_dataset(_open(args), args.dest, format=args.format, as_of=args.version,
                                 dataset_id=args.dataset_id, overwrite=args.overwrite)
     _emit(f"exported {result.num_cases} cases of version {result.version} as {result.format} to {result.path}\n")
