@@ -3,7 +3,7 @@
 Each run is a new process with a new ``PREFECT_HOME`` (the ephemeral Prefect server starts every time)
 and a new output folder, as a new user's first run. Reported: min/median/max wall of the whole command,
 and the median of the flow's own split (``plan``, ``generate``, ``validate``) read from the dataset
-row. Baseline in the same run: ``--threads 2`` (torch's default on this box before ``runtime.threads``).
+row. Baseline in the same run: ``--threads 1`` (one torch thread per case, the choice for a busy box).
 
 Usage: ``python benchmarks/bench_demo.py [--runs 5] [--baseline-runs 2]``.
 """
@@ -51,15 +51,15 @@ def _report(label: str, runs: list[tuple[float, dict[str, float]]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--baseline-runs", type=int, default=2, help="runs with --threads 2 (0 to skip)")
+    parser.add_argument("--baseline-runs", type=int, default=2, help="runs with --threads 1 (0 to skip)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-demo-"))
     print(f"cpu cores {os.cpu_count()}; each run a cold process with its own ephemeral Prefect", flush=True)
     auto = [_one_run(workdir, k, []) for k in range(args.runs)]
     _report("demo, automatic threads", auto)
     if args.baseline_runs:
-        base = [_one_run(workdir, 100 + k, ["--threads", "2"]) for k in range(args.baseline_runs)]
-        _report("demo, --threads 2 (baseline)", base)
+        base = [_one_run(workdir, 100 + k, ["--threads", "1"]) for k in range(args.baseline_runs)]
+        _report("demo, --threads 1 (baseline)", base)
         ratio = statistics.median(w for w, _ in auto) / statistics.median(w for w, _ in base)
         print(f"automatic / baseline median wall: {ratio:.2f}")
     return 0

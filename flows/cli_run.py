@@ -285,7 +285,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--max-workers", type=int, metavar="N", help="concurrent cases on CPU")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch CPU threads per worker process (overrides runtime.threads; default: the cores "
-                          "left after one, shared by the concurrent cases, at most 8)")
+                          "shared by the concurrent cases, at most 8; use 1 on a box busy with other work)")
     run.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                      help="storage option for S3 etc. (repeatable), e.g. AWS_ENDPOINT_URL=http://...; "
                           "credentials (AWS_SECRET_ACCESS_KEY, ...) stay in this process, never in Prefect")

@@ -43,11 +43,12 @@ MAX_AUTO_THREADS = 8  # past this, one case on CPU gains little (and big boxes r
 def resolved_threads(runtime: Runtime, cpu_count: int | None = None) -> int:
     """The torch CPU threads a case worker uses: ``runtime.threads``, else an automatic choice.
 
-    Automatic: the cores left after one for the orchestration (Prefect, commits, gzip), divided among the
-    cases that run at once in one process (``max_workers`` threads; a Dask worker runs one), at least 1
-    and at most :data:`MAX_AUTO_THREADS`. On the 2-core CI box that is 1: one 64^3 case of the default
-    model took 3.9 s with 1 thread and 2.8-7.2 s with 2 (the second thread fights the orchestration),
-    and the issue's measurement of a loaded box was 5.4-6.1 s against 41.6-44.2 s.
+    Automatic: the cores divided among the cases that run at once in one process (``max_workers``
+    threads; a Dask worker runs one), at least 1 and at most :data:`MAX_AUTO_THREADS`, so concurrent
+    cases never oversubscribe the box. Measured on the 2-core box (``benchmarks/bench_demo.py``, cold
+    demo runs): 2 threads 69.8 s median (generate 40.0 s) against 77.5 s (51.9 s) with 1 thread, so the
+    orchestration's own CPU (the ephemeral server, commits, gzip) is not worth a reserved core there.
+    A box already busy with other work is better served by ``--threads 1``.
     """
     import os
 
@@ -55,7 +56,7 @@ def resolved_threads(runtime: Runtime, cpu_count: int | None = None) -> int:
         return int(runtime.threads)
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     concurrent = 1 if (runtime.dask_address or runtime.dask_local_workers) else max(1, runtime.max_workers)
-    return max(1, min(MAX_AUTO_THREADS, (cores - 1) // concurrent))
+    return max(1, min(MAX_AUTO_THREADS, cores // concurrent))
 
 
 def set_cpu_threads(threads: int) -> None:

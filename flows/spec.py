@@ -278,9 +278,8 @@ class Runtime(_Strict):
     gpu_slots: int = Field(1, ge=1, le=16, description="concurrent cases per GPU")
     max_workers: int = Field(1, ge=1, le=256, description="concurrent cases on CPU")
     threads: int | None = Field(None, ge=1, le=256,
-                                description="torch CPU threads per worker process; absent: the cores left after "
-                                            "one for the orchestration, shared by the concurrent cases (at most 8); "
-                                            "recorded per sample")
+                                description="torch CPU threads per worker process; absent: the cores shared "
+                                            "by the concurrent cases (at most 8); recorded per sample")
     decode_preset: Literal["auto", "16g", "24g", "32g", "80g"] | None = None
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")

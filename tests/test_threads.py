@@ -9,13 +9,13 @@ from flows.spec import Runtime
 
 
 @pytest.mark.parametrize("cores, workers, expected", [
-    (2, 1, 1),     # the CI box: one core for the orchestration, one for the case
+    (2, 1, 2),     # the CI box: both cores for the one case (measured faster than 1 thread, bench_demo.py)
     (1, 1, 1),
     (16, 1, MAX_AUTO_THREADS),
     (16, 3, 5),
-    (4, 8, 1),
+    (4, 8, 1),     # more concurrent cases than cores: one thread each, never oversubscribed
 ])
-def test_automatic_threads_leave_a_core_and_share_the_rest(cores, workers, expected):
+def test_automatic_threads_share_the_cores_among_concurrent_cases(cores, workers, expected):
     assert resolved_threads(Runtime(max_workers=workers), cpu_count=cores) == expected
 
 
