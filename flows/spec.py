@@ -9,7 +9,8 @@ line. The spec's content hash :func:`spec_id` excludes ``output_root``, ``runtim
 
 * ``preset:tiny``: the ``tiny`` preset with seeded random weights (``init_seed=0``). It exists so the
   factory runs end to end on a CPU before real weights are available; its images are not CT-like.
-* ``default``: the embedded default model (``maisi_core/models/default``; not shipped yet).
+* ``default``: the embedded default model, shipped as package data in ``maisi_core/models/default``
+  (trained on procedural phantoms only; see its MODEL_CARD.md).
 * a model directory path (``model_index.json`` + safetensors), optionally with ``preset:`` naming the
   preset whose geometry rules apply when the directory is not on the planning machine.
 """

@@ -37,7 +37,7 @@ from maisi_core.decoding import (
     get_decode_preset,
     select_decode_preset,
 )
-from maisi_core.errors import ConfigError, DeviceError, LabelMapError
+from maisi_core.errors import ConfigError, DeviceError, GeometryError, LabelMapError
 from maisi_core.networks import (
     build_controlnet,
     build_unet,
@@ -366,6 +366,8 @@ class MaisiPipeline:
             raise ConfigError(
                 f"{who} expects no modality for a body-region model, but got modality={request.modality}."
             )
+        if request.affine is not None:
+            _check_affine_matches_spacing(np.asarray(request.affine, dtype=np.float64), spacing, who=who)
         return size, spacing, label_map
 
     def prepare_control(self, label_map: np.ndarray) -> torch.Tensor:
@@ -538,3 +540,20 @@ class MaisiPipeline:
         if label_map is not None:
             hu[label_map == labels.BACKGROUND_ID] = background
         return hu
+
+
+def _check_affine_matches_spacing(affine: np.ndarray, spacing: tuple[float, float, float], *, who: str) -> None:
+    """The affine written with the volume must place voxels at the spacing the model generated them for.
+
+    Its column norms are the voxel sizes; an affine that says otherwise would file a volume generated at
+    one spacing under another (a 0.8 mm CT read as 1.5 mm), which no later check could notice.
+    """
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise GeometryError(f"{who} expects a finite (4, 4) affine, but got affine with shape={affine.shape}.")
+    voxel = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    if not np.allclose(voxel, spacing, rtol=1e-3, atol=1e-4):
+        raise GeometryError(
+            f"{who} expects an affine whose voxel sizes equal spacing_mm={list(spacing)}, but got "
+            f"affine voxel sizes={[round(v, 4) for v in voxel]}. Pass the label map's own affine and spacing, "
+            "or resample the map to spacing_mm first."
+        )

@@ -277,3 +277,20 @@ def test_pipeline_sharing_networks_sets_its_own_vae_split_count():
     second = MaisiPipeline(first.config, first.vae, first.unet, first.controlnet, device=first.device)
     splits = {m.num_splits for m in second.vae.modules() if isinstance(m, MaisiConvolution)}
     assert splits == {first.config.vae.num_splits}
+
+
+def test_an_affine_contradicting_spacing_is_refused(tiny_pipe, label_map):
+    """Issue 13: pipeline.generate accepted an affine whose voxel sizes contradicted spacing_mm, and wrote it."""
+    import numpy as np
+
+    from maisi_core.errors import GeometryError
+    from maisi_core.geometry import affine_from_spacing
+
+    spacing = (8.0, 8.0, 8.0)
+    wrong = affine_from_spacing((1.5, 1.5, 1.5), label_map.shape)
+    with pytest.raises(GeometryError, match=r"expects an affine whose voxel sizes equal spacing_mm=\[8.0, 8.0, 8.0\], "
+                                            r"but got affine voxel sizes=\[1.5, 1.5, 1.5\]"):
+        tiny_pipe.generate(label_map, spacing_mm=spacing, seed=0, num_inference_steps=1, affine=wrong)
+    flipped = affine_from_spacing(spacing, label_map.shape) @ np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS: same sizes
+    out = tiny_pipe.generate(label_map, spacing_mm=spacing, seed=0, num_inference_steps=1, affine=flipped)
+    assert np.allclose(out.affine, flipped)
