@@ -209,6 +209,28 @@ def _drain_prefect() -> None:
             service.drain_all(timeout=10)
         except Exception as exc:  # the run's outcome is decided; a failed flush is not news for the terminal
             logging.getLogger(__name__).debug("draining %s failed: %s", service.__name__, exc)
+    _stop_ephemeral_server()
+
+
+def _stop_ephemeral_server() -> None:
+    """Stop Prefect's ephemeral server now (Prefect would at exit): its teardown output comes before our last line.
+
+    The server is a child process sharing this terminal; stopped from ``atexit`` it sometimes logs its
+    asyncio and database teardown after the run's own last line, burying the cause. No-op with a server
+    of one's own (``PREFECT_API_URL``), which is not ours to stop.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        if server.running:
+            server.stop()
+    except Exception as exc:  # Prefect's atexit stop still runs, and the watchdog covers the rest
+        logging.getLogger(__name__).debug("stopping the ephemeral server early failed: %s", exc)
 
 
 def _quiet_prefect_console() -> None:

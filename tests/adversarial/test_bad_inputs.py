@@ -212,6 +212,19 @@ MASK_FAILS_CASE = {
 }
 
 
+_OUR_FRAMES = ("/flows/", "/maisi_core/", "/catalog/")
+
+
+def _own_lines(stderr: str) -> list[str]:
+    """The lines ``ctfactory run`` wrote itself.
+
+    Prefect's ephemeral server is a child process sharing this stderr; at shutdown it sometimes logs its
+    own asyncio and database teardown (a Prefect server issue, not ours, and not the run's outcome). Those
+    lines are left out; ours all start with ``ctfactory run:``.
+    """
+    return [line for line in stderr.splitlines() if line.startswith("ctfactory run:")]
+
+
 @pytest.mark.slow
 def test_mask_broken_inside_refuses_its_case_and_records_nothing(inputs, tmp_path):
     """A real ``ctfactory run`` process (its own stderr and ephemeral Prefect): the last line is the cause."""
@@ -236,9 +249,11 @@ def test_mask_broken_inside_refuses_its_case_and_records_nothing(inputs, tmp_pat
     env.pop("PREFECT_API_URL", None)
     command = [sys.executable, "-m", "flows", "run", str(spec), "--no-progress"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    ours = _own_lines(done.stderr)
+    last = ours[-1]
+    assert done.stderr.strip().splitlines()[-1] == last  # the cause is the very last line
+    assert not any(frame in done.stderr for frame in _OUR_FRAMES), done.stderr[-3000:]  # no traceback of ours
     assert last.startswith("ctfactory run: generate_dataset expects usable inputs, but got 2 case(s) with an "
                            "unusable input, first adv-")
     assert any(reason in last for reason in MASK_FAILS_CASE.values()) and str(masks) in last
