@@ -223,13 +223,7 @@ class Catalog:
             RecordExistsError: When a sample_id is committed already with different content.
             CommitConflictError: When every attempt conflicted with concurrent writers.
         """
-        rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
-        for row in rows:
-            row.setdefault("created_at", utc_now())
-            row.setdefault("schema_version", SCHEMA_VERSION)
-            check_sample_row(row)
-        _check_unique([r["sample_id"] for r in rows])
-        new = rows_to_table(rows, SAMPLES_SCHEMA)
+        new = _sample_table(records)
         return self._retry_commits("append_samples", lambda: self._append_new_rows(new, commit_metadata))
 
     def _append_new_rows(self, new: pa.Table, commit_metadata: Mapping[str, Any] | None) -> int:
@@ -289,13 +283,7 @@ class Catalog:
         Returns:
             The table version holding the rows.
         """
-        rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
-        for row in rows:
-            row.setdefault("created_at", utc_now())
-            row.setdefault("schema_version", SCHEMA_VERSION)
-            check_sample_row(row)
-        _check_unique([r["sample_id"] for r in rows])
-        new = rows_to_table(rows, SAMPLES_SCHEMA)
+        new = _sample_table(records)
 
         def attempt() -> int:
             table = self._open_or_none("samples")
@@ -595,6 +583,17 @@ def _repeated(ids: pa.Table) -> dict[str, int]:
     counts = ids.group_by("sample_id").aggregate([("sample_id", "count")])
     counts = counts.filter(pc.greater(counts["sample_id_count"], 1))
     return dict(zip(counts["sample_id"].to_pylist(), counts["sample_id_count"].to_pylist(), strict=True))
+
+
+def _sample_table(records: Iterable[SampleRecord | Mapping[str, Any]]) -> pa.Table:
+    """Rows for a ``samples`` commit: stamped (created_at, schema_version), checked, unique, as a table."""
+    rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
+    for row in rows:
+        row.setdefault("created_at", utc_now())
+        row.setdefault("schema_version", SCHEMA_VERSION)
+        check_sample_row(row)
+    _check_unique([r["sample_id"] for r in rows])
+    return rows_to_table(rows, SAMPLES_SCHEMA)
 
 
 def _check_unique(ids: Sequence[str]) -> None:
