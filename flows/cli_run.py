@@ -65,20 +65,23 @@ def run_check_spec(args: argparse.Namespace) -> int:
 
     from maisi_core.errors import MaisiError
 
-    from flows.preflight import check_mask_sources
+    from flows.preflight import check_mask_sources, check_memory, cuda_driver_visible, machine_memory_bytes
 
     try:
         spec = load_spec(args.spec)
         plan = plan_dataset(spec)
         check_mask_sources(spec)  # every mask path exists and each user mask file has a usable header
+        device = spec.runtime.device
+        if device == "cpu" or (device == "auto" and not cuda_driver_visible()):
+            check_memory(spec, plan, device="cpu", memory_bytes=machine_memory_bytes("cpu"))
     except (FlowsError, MaisiError) as exc:
         return _bad("check-spec", exc)
     sys.stdout.write(format_plan(spec, plan))
     if preset_name(spec.model.ref) is None and spec.model.preset:
         from flows.models import _model_dir_available
 
-        if not _model_dir_available(spec.model.ref):
-            sys.stdout.write(f"note: model directory {spec.model.ref} is not on this machine; geometry was checked "
+        if not _model_dir_available(spec.model_location):
+            sys.stdout.write(f"note: model directory {spec.model_location} is not on this machine; geometry was checked "
                              f"against preset {spec.model.preset}. The spec is valid but needs the weights to run.\n")
     return EXIT_OK
 
@@ -147,8 +150,8 @@ def run_run(args: argparse.Namespace) -> int:
         from flows.plan import plan_dataset
         from flows.preflight import preflight
 
-        plan_dataset(spec)
-        preflight(spec, output_root=args.out or spec.output_root, storage_options=options)
+        plan = plan_dataset(spec)
+        preflight(spec, output_root=args.out or spec.output_uri, storage_options=options, plan=plan)
     except (FlowsError, MaisiError, ValueError) as exc:
         return _bad("run", exc)
     from flows.generate import run_generate

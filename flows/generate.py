@@ -205,7 +205,7 @@ def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage
         "metrics": dict(metrics), **dict(metrics), "timings_s": dict(timings), "code_version": code_version,
         "model_name": model_name(spec.model.ref),
         "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
-        "licence": pipeline_config(spec.model.ref, preset=spec.model.preset).licence,
+        "licence": pipeline_config(spec.model_location, preset=spec.model.preset).licence,
     }
     if new_rows == 0 and _recorded_dataset_row(cat, spec_id) is not None:
         return {**summary, "datasets_version": None}
@@ -341,7 +341,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     t0 = time.perf_counter()
     logger = get_run_logger()
     spec = validate_spec(spec)
-    root = output_root or spec.output_root
+    root = output_root or spec.output_uri
     version = code_version or current_code_version()
     plan = plan_dataset(spec)
     refuse_secret_options(storage_options, who="generate_dataset")

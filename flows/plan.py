@@ -47,6 +47,9 @@ REGION_DEFAULTS: dict[str, tuple[tuple[int, int, int], tuple[float, float, float
 MULTI_REGION_DEFAULT = ((512, 512, 256), (0.8, 0.8, 2.5))
 # Rough activation bytes per output voxel of a whole-volume decode (models without a decode window).
 _WHOLE_DECODE_BYTES_PER_VOXEL = 256
+# Peak resident-memory growth per output voxel of one whole-volume case on a CPU (fp32): measured on the
+# default model, one step, 2 threads: 688 B at 64^3, 591 B at 128^3, 558 B at 192^3 (ru_maxrss).
+CPU_BYTES_PER_VOXEL = 640
 
 
 class CaseRequest(BaseModel):
@@ -95,6 +98,7 @@ class CohortPlan:
     mask_source: str
     est_gpu_memory_gb: float
     memory_note: str
+    est_cpu_memory_gb: float | None = None
 
     @property
     def voxels_per_case(self) -> int:
@@ -199,6 +203,18 @@ def estimate_gpu_memory_gb(config: Any, output_size: tuple[int, int, int], decod
     return float(get_decode_preset(name).gpu_memory_gb), f"decode preset {name}"
 
 
+def estimate_cpu_memory_gb(config: Any, output_size: tuple[int, int, int]) -> float | None:
+    """Estimate the peak CPU memory of one case (whole-volume models, fp32); None where not measured.
+
+    Windowed-decoding models (the released ones) have not been measured on a CPU, so they get no estimate
+    rather than a guess.
+    """
+    if config.decode_roi_latent is not None:
+        return None
+    x, y, z = output_size
+    return round(x * y * z * CPU_BYTES_PER_VOXEL / 1024**3, 3)
+
+
 def _plan_cohort(spec: DatasetSpec, index: int, cohort: Cohort, config: Any, issues: list[SpecIssue]) -> CohortPlan | None:
     from maisi_core.errors import GeometryError
     from maisi_core.geometry import check_geometry
@@ -215,7 +231,7 @@ def _plan_cohort(spec: DatasetSpec, index: int, cohort: Cohort, config: Any, iss
     memory, note = estimate_gpu_memory_gb(config, size, spec.runtime.decode_preset)
     steps = cohort.num_inference_steps or config.scheduler.default_num_inference_steps
     return CohortPlan(cohort.name, cohort.count, tuple(cohort.body_region), cohort.pathology_name, size, spacing,
-                      steps, cohort.mask_source.type, memory, note)
+                      steps, cohort.mask_source.type, memory, note, estimate_cpu_memory_gb(config, size))
 
 
 def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
@@ -228,7 +244,7 @@ def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
 
     issues: list[SpecIssue] = []
     try:
-        config = pipeline_config(spec.model.ref, preset=spec.model.preset)
+        config = pipeline_config(spec.model_location, preset=spec.model.preset)
     except FlowsError as exc:
         raise SpecError([spec.source.issue(("model",), str(exc))]) from None
     sid = spec_id(spec)
@@ -244,11 +260,11 @@ def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
         # seed and paths (all built here from checked parts), which keeps planning linear and fast.
         shared = dict(
             dataset=spec.name, dataset_version=spec.version, spec_id=sid, cohort=cohort.name,
-            model_ref=spec.model.ref, body_region=tuple(cohort.body_region), pathology=cohort.pathology_name,
+            model_ref=spec.model_location, body_region=tuple(cohort.body_region), pathology=cohort.pathology_name,
             tumor_label=None if tumor is None else tumor.label_id,
             tumor_size_mm=None if tumor is None else tumor.size_mm,
             output_size=cp.output_size, spacing_mm=cp.spacing_mm,
-            mask_source=cohort.mask_source.model_dump(mode="json"), qc=cohort.qc,
+            mask_source=_resolved_mask_source(spec, cohort), qc=cohort.qc,
             num_inference_steps=cp.num_inference_steps,
         )
         first = None
@@ -299,17 +315,27 @@ def _check_plan_size(spec: DatasetSpec, cohorts: list[CohortPlan | None]) -> Non
             f"several specs, or raise the cap with {MAX_VOXELS_ENV}."))])
 
 
+def _resolved_mask_source(spec: DatasetSpec, cohort: Cohort) -> dict[str, Any]:
+    """The cohort's mask source as the case reads it: its paths resolved against the spec's folder."""
+    source = cohort.mask_source.model_dump(mode="json")
+    for key in ("path", "autoencoder_path", "diffusion_path"):
+        if source.get(key):
+            source[key] = spec.resolve_path(source[key])
+    return source
+
+
 def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
     """Return the plan as a text table (what ``ctfactory check-spec`` prints)."""
     head = (f"dataset {spec.name} v{spec.version}  spec_id {plan.spec_id}  model {spec.model.ref}  "
-            f"seed {spec.seed}\noutput_root {spec.output_root}\n")
+            f"seed {spec.seed}\noutput_root {spec.output_uri}\n")
     cols = ["cohort", "cases", "region", "pathology", "size (vox)", "spacing (mm)", "steps", "mask", "voxels",
-            "GPU mem/case"]
+            "GPU mem/case", "CPU mem/case"]
     rows = [[c.name, str(c.count), "+".join(c.body_region), c.pathology, "x".join(map(str, c.output_size)),
              "x".join(f"{s:g}" for s in c.spacing_mm), str(c.num_inference_steps), c.mask_source,
-             f"{c.voxels_per_case * c.count:,}", f"{c.est_gpu_memory_gb:g} GB ({c.memory_note})"]
+             f"{c.voxels_per_case * c.count:,}", f"{c.est_gpu_memory_gb:g} GB ({c.memory_note})",
+             "not measured" if c.est_cpu_memory_gb is None else f"{c.est_cpu_memory_gb:g} GB"]
             for c in plan.cohorts]
-    rows.append(["total", str(len(plan.cases)), "", "", "", "", "", "", f"{plan.total_voxels:,}", ""])
+    rows.append(["total", str(len(plan.cases)), "", "", "", "", "", "", f"{plan.total_voxels:,}", "", ""])
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [cols, *rows]]
     return head + "\n".join(lines) + "\n"

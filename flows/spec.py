@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -313,6 +314,10 @@ class DatasetSpec(_Strict):
     cohorts: list[Cohort] = Field(min_length=1)
     schedule: Schedule | None = None
     runtime: Runtime = Field(default_factory=Runtime)
+    base_dir: str | None = Field(
+        None, description="folder that relative paths in this spec (output_root, a model directory, mask "
+                          "source paths) resolve against; load_spec sets it to the spec file's folder (a "
+                          "relative base_dir resolves against that folder too); not part of the content hash")
 
     _source: SourceMap | None = PrivateAttr(default=None)
 
@@ -328,6 +333,34 @@ class DatasetSpec(_Strict):
     def source(self) -> SourceMap:
         """Where the spec was read from (file and lines); ``<dict>`` when built in code."""
         return self._source or SourceMap()
+
+    def resolve_path(self, text: str) -> str:
+        """A path written in this spec as this machine reads it.
+
+        URIs (``s3://...``) and absolute paths are returned unchanged; a relative local path is joined to
+        :attr:`base_dir` (the spec file's folder), or left relative to the current folder when the spec
+        was not read from a file.
+        """
+        if self.base_dir is None or "://" in text or os.path.isabs(text):
+            return text
+        return os.path.normpath(os.path.join(self.base_dir, text))
+
+    @property
+    def output_uri(self) -> str:
+        """``output_root`` resolved against the spec's folder (see :meth:`resolve_path`)."""
+        return self.resolve_path(self.output_root)
+
+    @property
+    def model_location(self) -> str:
+        """The model reference as the loader reads it: ``preset:NAME`` and packaged names such as
+        ``default`` unchanged, a model directory resolved against the spec's folder."""
+        ref = self.model.ref
+        if ref.startswith("preset:") or self.base_dir is None:
+            return ref
+        local = self.resolve_path(ref)
+        if os.path.exists(local) or "/" in ref or os.sep in ref:
+            return local
+        return ref  # a packaged model name (``default``), or a missing directory the loader reports
 
     def with_runtime(self, *, output_root: str | None = None, **runtime: Any) -> DatasetSpec:
         """Return a copy with ``output_root`` and runtime fields replaced (None values are ignored)."""
@@ -389,7 +422,12 @@ def load_spec(path: str | Path) -> DatasetSpec:
     except UnicodeDecodeError as exc:
         raise SpecError(f"load_spec expects UTF-8 text, but got an undecodable byte at offset {exc.start} "
                         f"of path={str(path)!r}.") from None
-    return parse_spec(text, source=str(path))
+    spec = parse_spec(text, source=str(path))
+    folder = p.resolve().parent
+    base = folder if spec.base_dir is None else folder / spec.base_dir
+    new = spec.model_copy(update={"base_dir": str(base.resolve())})
+    new._source = spec._source
+    return new
 
 
 def parse_spec(text: str, *, source: str = "<string>") -> DatasetSpec:
@@ -407,8 +445,12 @@ def parse_spec(text: str, *, source: str = "<string>") -> DatasetSpec:
 
 
 def canonical_json(spec: DatasetSpec) -> str:
-    """The spec's content as canonical JSON (sorted keys, no spaces), without where/when/how to run."""
-    content = spec.model_dump(mode="json", exclude={"output_root", "runtime", "schedule"})
+    """The spec's content as canonical JSON (sorted keys, no spaces), without where/when/how to run.
+
+    Paths are hashed as written (relative ones stay relative) and ``base_dir`` is left out, so the same
+    spec file gives the same ``spec_id`` wherever it is checked out.
+    """
+    content = spec.model_dump(mode="json", exclude={"output_root", "runtime", "schedule", "base_dir"})
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 

@@ -72,11 +72,12 @@ def test_missing_mask_folder_stops_check_spec_and_run_before_any_case(tmp_path, 
     """Issue 12: the run used to retry the same error 3x per case and store six permanent failures."""
     spec = tmp_path / "spec.yaml"
     spec.write_text((SPECS / "user_masks.yaml").read_text().replace("path: ./user_masks\n", "path: ./no-such-folder\n")
-                    .replace("output_root: ./ctfactory-user-masks", f"output_root: {tmp_path / 'out'}"))
+                    .replace("output_root: ../ctfactory-user-masks", "output_root: ./out"))
+    assert "output_root: ./out" in spec.read_text()
     for command in (["check-spec", str(spec)], ["run", str(spec), "--no-progress"]):
         assert main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"ctfactory {command[0]}: Cohort[totalseg] mask_source expects an existing NIfTI file or "
-                       "folder, but got path='./no-such-folder', which does not exist. Fix mask_source.path "
-                       "(relative paths are read from the current folder)."]
+        assert err == [f"ctfactory {command[0]}: cohorts[0].mask_source (totalseg) expects an existing NIfTI file "
+                       f"or folder, but got path={str(tmp_path / 'no-such-folder')!r}, which does not exist. Fix "
+                       "mask_source.path. Relative paths in a spec are read from the spec file's folder."]
     assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ cohorts:
 
 # (replacement of the cohort block or extra top-level text, expected line, path, message fragment)
 BROKEN = [
-    ("outptu_root: /x\n", 9, "outptu_root", "expects only the fields ['cohorts', 'description', 'model', "
+    ("outptu_root: /x\n", 9, "outptu_root", "expects only the fields ['base_dir', 'cohorts', 'description', 'model', "
      "'name', 'output_root', 'runtime', 'schedule', 'seed', 'version'], but got outptu_root='/x'. "
      "Did you mean 'output_root'?"),
     ("    pathology: {type: lung_tumour, size_mm: [5, 10]}\n", 9, "cohorts[0].pathology.type",

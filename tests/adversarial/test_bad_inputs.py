@@ -199,7 +199,7 @@ MASK_REFUSED = {
 def test_bad_user_mask_is_refused_before_any_case(name, inputs, tmp_path, capsys):
     code, lines, root = _run(tmp_path, capsys, mask=inputs["masks"][name])
     assert code == 2
-    assert len(lines) == 1 and lines[0].startswith("ctfactory run: Cohort[c] mask_source ")
+    assert len(lines) == 1 and lines[0].startswith("ctfactory run: cohorts[0].mask_source (c) ")
     assert MASK_REFUSED[name] in lines[0] and str(inputs["masks"][name]) in lines[0]
     assert not root.exists()  # refused before anything was written
 
