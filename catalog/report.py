@@ -13,13 +13,17 @@ import base64
 import html
 import io
 import logging
+import os
+import uuid
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from catalog.errors import ReportError
+from catalog.fs import filesystem, is_remote
 from catalog.export import load_nifti
 from catalog.store import Catalog
 
@@ -258,15 +262,30 @@ def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_preview
             f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
-def write_report(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, max_previews: int = 4) -> Path:
-    """Write the HTML dataset card to ``dest`` (replacing an older card) and return its path.
+def write_report(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, max_previews: int = 4,
+                 storage_options: Mapping[str, str] | None = None) -> str:
+    """Write the HTML dataset card to ``dest`` (a local path or an fsspec URI), replacing an older card.
+
+    Returns:
+        ``dest`` as a string.
 
     Raises:
-        ReportError: When ``dest`` is a directory or its folder does not exist.
+        ReportError: When a local ``dest`` is a directory or its folder does not exist.
     """
-    path = Path(dest)
-    if path.is_dir() or not path.parent.is_dir():
-        raise ReportError(f"report expects --dest to be a file in an existing folder, but got dest={str(path)!r}.")
-    path.write_text(build_report_html(catalog, as_of=as_of, max_previews=max_previews))
-    logger.info("report: wrote %s", path)
-    return path
+    dest = str(dest)
+    text = build_report_html(catalog, as_of=as_of, max_previews=max_previews).encode("utf-8")
+    if is_remote(dest):
+        fs, remote = filesystem(dest, storage_options)
+        fs.pipe_file(remote, text)  # one object, one PUT
+    else:
+        path = Path(dest[len("file://"):] if dest.startswith("file://") else dest)
+        if path.is_dir() or not path.parent.is_dir():
+            raise ReportError(f"report expects --dest to be a file in an existing folder, but got dest={dest!r}.")
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # never a half-written card
+        try:
+            tmp.write_bytes(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    logger.info("report: wrote %s", dest)
+    return dest

@@ -36,7 +36,7 @@ import numpy as np
 from catalog.schema import SampleRecord
 from flows.errors import CaseInputError
 from flows.plan import CaseRequest, attempt_seed, derive_seed, resolve_output_uri
-from flows.storage import publish_volume
+from flows.storage import publish_volume, unpublish, written_header
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
     """
     from maisi_core.errors import MaisiError, MaskSourceError
     from maisi_core.io import save_image, save_label
-    from maisi_core.qc import check_case
+    from maisi_core.qc import check_case, check_written_geometry
 
     t_start = time.perf_counter()
     reasons: list[str] = []
@@ -341,10 +341,18 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
         if not qc.passed:
             reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
             continue
-        image, _ = publish_volume(save_image, resolve_output_uri(output_root, request.image_uri), volume.image_hu,
-                                  volume.affine, storage_options=storage_options)
-        label, _ = publish_volume(save_label, resolve_output_uri(output_root, request.label_uri), volume.label_map,
-                                  volume.affine, storage_options=storage_options)
+        image_uri = resolve_output_uri(output_root, request.image_uri)
+        label_uri = resolve_output_uri(output_root, request.label_uri)
+        image, _ = publish_volume(save_image, image_uri, volume.image_hu, volume.affine, storage_options=storage_options)
+        label, _ = publish_volume(save_label, label_uri, volume.label_map, volume.affine, storage_options=storage_options)
+        written = check_written_geometry(written_header(image_uri, storage_options),
+                                         written_header(label_uri, storage_options), shape=request.output_size,
+                                         affine=mask.affine, spacing_mm=request.spacing_mm)
+        if written:
+            unpublish([image_uri, label_uri], storage_options)
+            last_failures = tuple(f.message for f in written)
+            reasons.append(f"attempt {attempt}: qc: " + "; ".join(last_failures))
+            continue
         t4 = time.perf_counter()
         timings = {"mask": t1 - t0, "generate": t2 - t1, "qc": t3 - t2, "write": t4 - t3,
                    **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": t4 - t_start}

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -148,14 +149,24 @@ def run_run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision,
             threads=args.threads)
         from flows.plan import plan_dataset
-        from flows.preflight import preflight
+        from flows.preflight import check_machine, preflight
 
         plan = plan_dataset(spec)
-        preflight(spec, output_root=args.out or spec.output_uri, storage_options=options, plan=plan)
+        preflight(spec, output_root=args.out or spec.output_uri, storage_options=options, load_model=False)
     except (FlowsError, MaisiError, ValueError) as exc:
+        return _bad("run", exc)
+    boot = _boot_ephemeral_server()  # starts while torch, the model and the flow's modules load
+    try:
+        check_machine(spec, plan)  # the cases fit this machine's memory; the model loads as the cases use it
+    except (FlowsError, MaisiError, ValueError) as exc:
+        if boot is not None:
+            _abort_boot(boot)
         return _bad("run", exc)
     from flows.generate import run_generate
     from flows.runtime import progress_listener
+
+    if boot is not None:
+        boot.join()
 
     if not args.verbose:
         _quiet_prefect_console()
@@ -198,6 +209,53 @@ class _PrefectErrorsOff:
         if record.name in self._SERVICES:
             return False
         return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+def _boot_ephemeral_server() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server in a background thread; None with a server of one's own.
+
+    The server is a child process that imports Prefect's server and migrates its SQLite database
+    (about 14 s on 2 cores for a new ``PREFECT_HOME``). Started when the first flow runs, that time
+    adds to the run; started here, it overlaps with loading torch, the model and the flow's modules.
+    ``run`` joins the thread before the flow starts, so the flow finds the server up (Prefect keeps one
+    server per process). A failed boot is left to the flow, which starts the server again and reports.
+    The decision is made in this thread: Prefect's settings context (a test harness's API URL) does
+    not reach new threads.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from flows.lifetime import start_descendant_watch
+
+    start_descendant_watch()  # the server is stopped even if this process is killed while it boots
+
+    def boot() -> None:
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception as exc:  # the flow's own start tries again and reports the cause
+            logging.getLogger(__name__).debug("early start of the ephemeral server failed: %s", exc)
+
+    thread = threading.Thread(target=boot, name="ctfactory-prefect-boot", daemon=True)
+    thread.start()
+    return thread
+
+
+def _abort_boot(boot: threading.Thread) -> None:
+    """Stop an early-started ephemeral server as soon as its process exists (the run ends with an input error).
+
+    Stopping it makes the boot thread's health polling fail at once, so the thread ends too; nothing is
+    left for exit time, and the input error stays the last line.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    while boot.is_alive() and server.server_process is None:
+        time.sleep(0.05)
+    _stop_ephemeral_server()
+    boot.join(timeout=10)
 
 
 def _drain_prefect() -> None:

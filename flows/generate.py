@@ -18,7 +18,6 @@ Seams for other packages, used only when present:
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -216,10 +215,8 @@ def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage
 @task(name="validate-dataset", cache_policy=NO_CACHE, persist_result=False)
 def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
                      storage_options: dict[str, str] | None) -> dict[str, float]:
-    """Dataset metrics from ``flows.validate.validate_dataset`` when that module exists, else none."""
+    """Dataset metrics from ``flows.validate.validate_dataset``."""
     storage_options = resolve_storage_options(storage_options)
-    if importlib.util.find_spec("flows.validate") is None:
-        return {}
     from flows import validate
 
     cat = open_catalog(output_root, storage_options)
@@ -227,21 +224,14 @@ def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
 
 
 @task(name="publish-card", cache_policy=NO_CACHE, persist_result=False)
-def publish_card(output_root: str, storage_options: dict[str, str] | None) -> str | None:
-    """Write the HTML dataset card to ``ROOT/dataset_card.html`` with ``catalog.report`` when present."""
+def publish_card(output_root: str, storage_options: dict[str, str] | None) -> str:
+    """Write the HTML dataset card to ``ROOT/dataset_card.html`` (``catalog.report.write_report``)."""
     storage_options = resolve_storage_options(storage_options)
-    if importlib.util.find_spec("catalog.report") is None:
-        return None
-    import fsspec
-
-    from catalog.report import build_report_html
+    from catalog.report import write_report
     from flows.plan import resolve_output_uri
-    from flows.storage import fsspec_options
 
     uri = resolve_output_uri(output_root, REPORT_NAME)
-    html = build_report_html(open_catalog(output_root, storage_options))
-    with fsspec.open(uri, "w", encoding="utf-8", **fsspec_options(uri, storage_options)) as fh:
-        fh.write(html)
+    write_report(open_catalog(output_root, storage_options), uri, storage_options=storage_options)
     return uri
 
 

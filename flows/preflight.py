@@ -173,15 +173,25 @@ def check_model(spec: DatasetSpec) -> None:
     load_pipeline(spec.model_location, rt.device, decode_preset=rt.decode_preset, precision=rt.precision)
 
 
+def check_machine(spec: DatasetSpec, plan: DatasetPlan, *, load_model: bool = True) -> None:
+    """The checks that need this machine: its memory against the plan, then the model, loaded as the run will."""
+    from flows.runtime import resolved_device
+
+    device = resolved_device(spec.runtime.device)
+    check_memory(spec, plan, device=device, memory_bytes=machine_memory_bytes(device))
+    if load_model:
+        check_model(spec)
+
+
 def preflight(spec: DatasetSpec, *, output_root: str, storage_options: Mapping[str, str] | None = None,
               load_model: bool = True, plan: DatasetPlan | None = None) -> None:
-    """Run every check above; the first problem raises a one-line error naming the file and the cause."""
+    """Run every check above; the first problem raises a one-line error naming the file and the cause.
+
+    The machine checks (:func:`check_machine`) run when ``plan`` is given; ``load_model`` alone loads the model.
+    """
     check_output_root(output_root, storage_options)
     check_mask_sources(spec)
     if plan is not None:
-        from flows.runtime import resolved_device
-
-        device = resolved_device(spec.runtime.device)
-        check_memory(spec, plan, device=device, memory_bytes=machine_memory_bytes(device))
-    if load_model:
+        check_machine(spec, plan, load_model=load_model)
+    elif load_model:
         check_model(spec)

@@ -28,20 +28,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from flows.errors import SpecError
 from flows.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
+from maisi_core.decoding import DECODE_PRESETS
+from maisi_core.labels import TUMOR_TYPES
 
 MAX_OUTPUT_VOX = 1024  # per axis: beyond any model's geometry, and 1024^3 float32 is already 4 GB
 SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RULE = "a name of letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
 
-# Tumour type -> (MAISI label ID, host organ names, body regions the host lies in).
-TUMOR_TYPES: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
-    "lung_tumor": (23, ("lung",), ("chest",)),
-    "hepatic_tumor": (26, ("liver",), ("abdomen",)),
-    "pancreatic_tumor": (24, ("pancreas",), ("abdomen",)),
-    "colon_tumor": (27, ("colon",), ("abdomen", "lower")),
-    "bone_lesion": (128, ("bone",), ("head_neck", "chest", "abdomen", "lower")),
-}
+TumorName = Literal[tuple(TUMOR_TYPES)]  # type: ignore[valid-type]  # the names of maisi_core.labels.TUMOR_TYPES
+DecodePresetName = Literal[("auto", *DECODE_PRESETS)]  # type: ignore[valid-type]  # maisi_core.decoding's presets
 
 
 class _Strict(BaseModel):
@@ -74,7 +70,7 @@ class ModelRef(_Strict):
 class Tumor(_Strict):
     """A tumour to place in its host organ."""
 
-    type: Literal["lung_tumor", "hepatic_tumor", "pancreatic_tumor", "colon_tumor", "bone_lesion"]
+    type: TumorName
     size_mm: tuple[float, float] = Field(description="[min, max] diameter in mm")
     host_organ: str | None = Field(None, description="implied by type; when given it must match")
 
@@ -84,7 +80,7 @@ class Tumor(_Strict):
         if not 0 < lo <= hi <= 300:
             raise ValueError(f"Tumor expects size_mm [min, max] with 0 < min <= max <= 300, but got "
                              f"size_mm={list(self.size_mm)}.")
-        hosts = TUMOR_TYPES[self.type][1]
+        hosts = TUMOR_TYPES[self.type].host_organs
         if self.host_organ is not None and self.host_organ not in hosts:
             raise ValueError(f"Tumor expects host_organ in {list(hosts)} for type={self.type!r}, but got "
                              f"host_organ={self.host_organ!r}. Leave it out: the host is implied by the type.")
@@ -93,7 +89,7 @@ class Tumor(_Strict):
     @property
     def label_id(self) -> int:
         """The tumour's MAISI label ID."""
-        return TUMOR_TYPES[self.type][0]
+        return TUMOR_TYPES[self.type].label_id
 
 
 class PhantomMasks(_Strict):
@@ -214,7 +210,7 @@ class Cohort(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Cohort:
         if self.pathology is not None:
-            regions = TUMOR_TYPES[self.pathology.type][2]
+            regions = TUMOR_TYPES[self.pathology.type].regions
             if not set(regions) & set(self.body_region):
                 raise ValueError(f"Cohort expects a body_region containing the {self.pathology.type}'s host "
                                  f"({' or '.join(regions)}), but got body_region={self.body_region}. "
@@ -282,7 +278,7 @@ class Runtime(_Strict):
     threads: int | None = Field(None, ge=1, le=256,
                                 description="torch CPU threads per worker process; absent: the cores shared "
                                             "by the concurrent cases (at most 8); recorded per sample")
-    decode_preset: Literal["auto", "16g", "24g", "32g", "80g"] | None = None
+    decode_preset: DecodePresetName | None = None
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")
     generator: str = Field("maisi", max_length=200,

@@ -67,3 +67,19 @@ def publish_volume(save: SaveFn, uri: str, array: np.ndarray, affine: np.ndarray
         return type(staged)(uri=uri, sha256=staged.sha256, n_bytes=staged.n_bytes), "kept"
     logger.warning("replaced orphan file %s (sha256 differed)", uri)
     return save(uri, array, affine, storage_options=opts, overwrite=True), "replaced"
+
+
+def written_header(uri: str, storage_options: Mapping[str, str] | None) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The shape and affine a written NIfTI file declares (its header only: the first kilobytes)."""
+    from maisi_core.io import check_nifti_header
+
+    return check_nifti_header(uri, storage_options=fsspec_options(uri, storage_options), who="written file")
+
+
+def unpublish(uris: list[str], storage_options: Mapping[str, str] | None) -> None:
+    """Remove files a case published but must not keep (no catalog row points at them yet)."""
+    for uri in uris:
+        fs, path = fsspec.core.url_to_fs(uri, **fsspec_options(uri, storage_options))
+        if fs.exists(path):
+            fs.rm(path)
+            logger.warning("removed %s: the file as written failed its geometry check", uri)

@@ -20,11 +20,11 @@ from scipy import ndimage
 
 from maisi_core import labels
 from maisi_core.errors import ConfigError, LabelMapError
+from maisi_core.modality import AIR_HU, CT_HU_RANGE
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1000.0
-HU_CLIP = (-1024.0, 3071.0)
+HU_CLIP = CT_HU_RANGE
 
 # (median HU, per-case jitter of the mean (sd), texture amplitude (sd)) per tissue.
 _SOFT = (40.0, 8.0, 10.0)

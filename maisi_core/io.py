@@ -41,6 +41,7 @@ from maisi_core.errors import (
     VolumeNotFoundError,
 )
 from maisi_core.geometry import affine_from_spacing  # re-exported for io users
+from maisi_core.modality import CT_HU_RANGE
 
 try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio
     from isal import igzip as _fast_gzip
@@ -52,8 +53,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger(__name__)
 
-HU_MIN = -1024
-HU_MAX = 3071
+HU_MIN, HU_MAX = (int(v) for v in CT_HU_RANGE)  # the writer's clip range
 DEFAULT_COMPRESSLEVEL = 1
 LABEL_MAX_ID = 65535
 _GZIP_MAGIC = b"\x1f\x8b"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -46,6 +47,36 @@ TUMOR_HOSTS: dict[int, tuple[int, ...]] = {
     128: BONE_IDS,         # bone lesion
 }
 TUMOR_IDS = tuple(sorted(TUMOR_HOSTS))
+
+
+@dataclass(frozen=True)
+class TumorType:
+    """A pathology a spec can ask for: its MAISI label, host organ and the body regions the host lies in.
+
+    Attributes:
+        label_id: the tumour's MAISI label ID (a key of :data:`TUMOR_HOSTS`).
+        host_organs: host organ names in the QC vocabulary (``lung``, ``liver``, ...).
+        regions: the body regions (``head_neck``, ``chest``, ``abdomen``, ``lower``) the host lies in.
+    """
+
+    label_id: int
+    host_organs: tuple[str, ...]
+    regions: tuple[str, ...]
+
+    @property
+    def host_ids(self) -> tuple[int, ...]:
+        """The host's MAISI label IDs (where the tumour is placed)."""
+        return TUMOR_HOSTS[self.label_id]
+
+
+# The one table of tumour types (spec ``pathology.type`` -> what it means for labels and placement).
+TUMOR_TYPES: dict[str, TumorType] = {
+    "lung_tumor": TumorType(23, ("lung",), ("chest",)),
+    "hepatic_tumor": TumorType(26, ("liver",), ("abdomen",)),
+    "pancreatic_tumor": TumorType(24, ("pancreas",), ("abdomen",)),
+    "colon_tumor": TumorType(27, ("colon",), ("abdomen", "lower")),
+    "bone_lesion": TumorType(128, ("bone",), ("head_neck", "chest", "abdomen", "lower")),
+}
 # remove_tumors (upstream's rules): lesions relabelled as their organ, and lesions filled by the
 # majority label of their neighbouring host voxels.
 TUMOR_REMAP: dict[int, int] = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}

@@ -23,7 +23,6 @@ Source options (``MaskRequest.options``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from maisi_core import labels
+from maisi_core.digest import sha256_file
 from maisi_core.errors import (
     LabelNameError,
     MaskSourceError,
@@ -323,14 +323,6 @@ def load_user_mask(
     return resample_label_map(remapped, affine, spacing_mm=spacing_mm, output_size_vox=output_size_vox)
 
 
-def _file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _user_source(request: MaskRequest) -> MaskResult:
     opts = dict(request.options)
     path = _required_option(opts, "path", "user")
@@ -340,7 +332,7 @@ def _user_source(request: MaskRequest) -> MaskResult:
         unmapped=opts.get("unmapped", "error"), add_body=bool(opts.get("add_body", True)),
     )
     tumors = _place_requested_tumor(label_map, affine, request)
-    mask_id = f"user:{Path(path).name}:{_file_digest(path)[:16]}"
+    mask_id = f"user:{Path(path).name}:{sha256_file(path)[:16]}"
     return MaskResult(label_map, affine, "user", mask_id, tumors)
 
 
@@ -403,7 +395,7 @@ def build_mask_index(folder: str | os.PathLike) -> list[dict[str, Any]]:
             "label_list": sorted(int(v) for v in np.unique(array) if v != labels.BACKGROUND_ID),
             "top_region_index": labels.region_index(regions[0]) if regions else None,
             "bottom_region_index": labels.region_index(regions[-1]) if regions else None,
-            "sha256": _file_digest(path),
+            "sha256": sha256_file(path),
         })
     return entries
 

@@ -15,21 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from maisi_core.config import PipelineConfig
+from maisi_core.digest import sha256_file
 from maisi_core.errors import WeightsError, WeightsNotFoundError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "model_index.json"
 WEIGHTS_NAME = "model.safetensors"
 COMPONENTS = ("vae", "unet", "controlnet")
-
-
-def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
-    """Return the hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest_of(files: dict[str, str]) -> str:

@@ -302,14 +302,14 @@ class MaisiPipeline:
         callback: StepCallback | None = None,
     ) -> GenerationOutput:
         """Run the numbered steps for one request and return the volume in HU."""
+        t0 = time.perf_counter()
+        steps = int(num_inference_steps or self.config.scheduler.default_num_inference_steps)
+        size, spacing, label_map = self.check_inputs(request)  # the model's rules first, whatever the device
         if self.device.type == "meta":
             raise DeviceError(
                 "MaisiPipeline expects real weights to generate, but got device='meta'. "
                 "Build with device='cpu' or 'cuda', or load weights with from_pretrained."
             )
-        t0 = time.perf_counter()
-        steps = int(num_inference_steps or self.config.scheduler.default_num_inference_steps)
-        size, spacing, label_map = self.check_inputs(request)
         control = self.prepare_control(label_map) if label_map is not None else None
         cond = self.prepare_conditioning(spacing, label_map=label_map, body_region=request.body_region,
                                          modality=request.modality)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -28,6 +28,7 @@ from maisi_core.labels import BODY_ID, BONE_IDS, KIDNEY_IDS, LUNG_IDS, TUMOR_IDS
 from maisi_core.qc_agreement import check_label_agreement
 from maisi_core.qc_orientation import check_image_orientation, check_label_orientation
 from maisi_core.qc_tumor import check_tumor
+from maisi_core.modality import CT_HU_RANGE
 from maisi_core.qc_types import QCFailure
 
 __all__ = [
@@ -47,7 +48,7 @@ ORGAN_LABEL_IDS: dict[str, tuple[int, ...]] = {
     "brain": (22,),
 }
 BONE_UPPER_HU = 1000.0
-HU_SANITY_RANGE = (-1024.0, 3071.0)
+HU_SANITY_RANGE = CT_HU_RANGE  # values a stored CT can hold
 AFFINE_ATOL_MM = 1e-3
 
 
@@ -213,6 +214,44 @@ def _sanity_failures(img, lab, affine, label_affine, require_body) -> list[QCFai
                                  f"affine: image and label affines differ by up to {diff:.4g} mm"))
     if require_body and not np.any(lab == BODY_ID):
         out.append(QCFailure("body_label", None, None, None, f"label: body label {BODY_ID} is absent"))
+    return out
+
+
+def check_written_geometry(
+    image: tuple[Sequence[int], np.ndarray],
+    label: tuple[Sequence[int], np.ndarray],
+    *,
+    shape: Sequence[int],
+    affine: np.ndarray,
+    spacing_mm: Sequence[float],
+) -> list[QCFailure]:
+    """Compare the geometry of the files a case wrote with the geometry it meant to write.
+
+    ``image`` and ``label`` are ``(shape, affine)`` as read back from the written headers
+    (:func:`maisi_core.io.check_nifti_header`). Checked: both have ``shape``; their affines agree with
+    each other and with ``affine`` (the mask's world placement) within :data:`AFFINE_ATOL_MM`; their voxel
+    sizes are ``spacing_mm``. The in-memory checks of :func:`check_case` cannot see a writer that drops,
+    flips or rounds the affine; this one reads what landed.
+
+    Returns:
+        The failures (``written_shape``, ``written_affine``, ``written_spacing``); empty when all agree.
+    """
+    out: list[QCFailure] = []
+    want = np.asarray(affine, float)
+    for name, (got_shape, got_affine) in (("image", image), ("label", label)):
+        if tuple(int(n) for n in got_shape) != tuple(int(n) for n in shape):
+            out.append(QCFailure("written_shape", None, None, None,
+                                 f"written {name}: shape {tuple(got_shape)} != {tuple(shape)}"))
+        diff = float(np.max(np.abs(np.asarray(got_affine, float) - want)))
+        if not diff <= AFFINE_ATOL_MM:
+            out.append(QCFailure("written_affine", None, diff, (0.0, AFFINE_ATOL_MM),
+                                 f"written {name}: affine differs from the mask's by up to {diff:.4g} mm"))
+        sizes = np.linalg.norm(np.asarray(got_affine, float)[:3, :3], axis=0)
+        off = float(np.max(np.abs(sizes - np.asarray(spacing_mm, float))))
+        if not off <= AFFINE_ATOL_MM:
+            out.append(QCFailure("written_spacing", None, off, (0.0, AFFINE_ATOL_MM),
+                                 f"written {name}: voxel size {[round(float(v), 4) for v in sizes]} mm != "
+                                 f"spacing_mm {list(spacing_mm)}"))
     return out
 
 

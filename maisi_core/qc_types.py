@@ -17,7 +17,8 @@ class QCFailure:
 
     Attributes:
         check: ``organ_hu``, ``hu_finite``, ``hu_range``, ``shape``, ``affine``, ``body_label``, ``tumor``,
-            ``orientation``, ``tumor_contrast``, ``tumor_size`` or ``label_agreement``.
+            ``orientation``, ``tumor_contrast``, ``tumor_size``, ``label_agreement``, or ``written_shape``,
+            ``written_affine``, ``written_spacing`` (the files as written, see ``check_written_geometry``).
         organ: the organ, structure or tumour the check is about; None for whole-image checks.
         value: the measured value (median HU, count of bad voxels, contrast, diameter, fraction ...) or None.
         expected: the allowed (low, high) range, or None.

@@ -33,3 +33,33 @@ def test_pure_library_imports_no_prefect_and_reads_no_environment(path: Path):
             assert not (node.value.id == "sys" and node.attr == "argv"), f"{path}: reads argv"
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             assert node.func.id != "print", f"{path}: calls print"
+
+
+def _catalog_imports_of_maisi_core() -> set[str]:
+    """The ``maisi_core`` modules the catalog imports anywhere (module level or inside functions)."""
+    found = set()
+    for path in sorted((ROOT / "catalog").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("maisi_core"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("maisi_core"))
+    return found
+
+
+def test_catalog_never_pulls_in_torch_or_monai():
+    """Issue 13: every catalog module, and every maisi_core module it imports (even lazily), is torch-free."""
+    import subprocess
+    import sys
+
+    modules = sorted({f"catalog.{p.stem}" for p in (ROOT / "catalog").glob("*.py") if p.stem != "__init__"}
+                     | _catalog_imports_of_maisi_core())
+    assert "maisi_core.labels" in modules  # the scan sees the lazy imports
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "heavy = sorted(m for m in ('torch', 'monai', 'prefect') if m in sys.modules)\n"
+            "print(','.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"importing {modules} loads {done.stdout.strip()}"

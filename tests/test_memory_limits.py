@@ -73,6 +73,15 @@ def test_check_spec_and_run_refuse_before_any_case(tmp_path, monkeypatch, capsys
     import flows.preflight
     from flows.cli import main
 
+    import threading
+
+    import psutil
+
+    def servers() -> set[int]:  # Prefect API servers below this process (a test harness's one included)
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "uvicorn" in " ".join(p.cmdline())}
+
+    before = servers()
     monkeypatch.setattr(flows.preflight, "machine_memory_bytes", lambda device: 4 * GB)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.format(model="default", size="[256, 256, 256]", spacing="[2.0, 2.0, 2.0]", workers=1,
@@ -83,3 +92,8 @@ def test_check_spec_and_run_refuse_before_any_case(tmp_path, monkeypatch, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "CPU memory of 4.0 GB" in err[0] and f"{spec}:" in err[0], err
     assert not (tmp_path / "out").exists()
+    # run starts Prefect's ephemeral server early (while the model loads); a refused run stops it at once
+    for thread in threading.enumerate():
+        if thread.name == "ctfactory-prefect-boot":
+            thread.join(timeout=120)  # without the abort it would leave a healthy server behind
+    assert servers() <= before

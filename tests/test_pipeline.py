@@ -7,6 +7,7 @@ import torch
 from maisi_core import GenerationRequest, MaisiPipeline, presets
 from maisi_core.config import DDPMSchedulerConfig
 from maisi_core.errors import ConfigError, DeviceError, GeometryError, LabelMapError
+from maisi_core.labels import remove_tumors
 from maisi_core.pipeline import encode_labels_8bit
 
 
@@ -57,20 +58,65 @@ def test_condition_changes_output(label_map):
     assert not np.array_equal(a.image_hu, c.image_hu)
 
 
-def test_image_only_path_and_modality_guidance(tiny_pipe):
-    out = tiny_pipe.generate(None, spacing_mm=(2.0, 2.0, 2.0), output_size_vox=(32, 32, 48), seed=0,
-                             num_inference_steps=2, guidance_scale=2.0)
-    assert out.image_hu.shape == (32, 32, 48) and out.label_map is None
+def _final_latents(pipe, monkeypatch, label_map, **kw):
+    """The denoised latents of one generate call (decoding may clip small differences away)."""
+    seen = []
+    real = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda x: seen.append(x.clone()) or real(x))
+    out = pipe.generate(label_map, **kw)
+    monkeypatch.setattr(pipe, "decode", real)
+    return out, seen[0]
 
 
-def test_tumour_guidance_runs_with_and_without_a_tumour(tiny_pipe, label_map):
-    # upstream runs guidance on any mask; without a tumour only the modality class differs (0)
-    out = tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
-    assert out.image_hu.shape == (32, 32, 32)
+@pytest.fixture(scope="module")
+def guided_pipe():
+    """``tiny`` with 4 norm groups over 8 channels and random weights.
+
+    With one channel per group (``tiny`` itself) GroupNorm removes the per-channel shift through which the
+    time, spacing and modality embeddings enter, so modality guidance could not change anything there.
+    """
+    import dataclasses
+
+    cfg = presets.tiny()
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, norm_num_groups=4),
+                              controlnet=dataclasses.replace(cfg.controlnet, norm_num_groups=4))
+    pipe = MaisiPipeline.from_config(cfg, device="cpu")
+    _randomize(pipe.unet, 1)
+    _randomize(pipe.controlnet, 2)
+    return pipe
+
+
+def test_image_only_path_and_modality_guidance(guided_pipe, monkeypatch):
+    """Guidance follows the classifier-free formula: scale 1 is the conditional prediction, 2 moves away."""
+    tiny_pipe = guided_pipe
+    kw = dict(spacing_mm=(2.0, 2.0, 2.0), output_size_vox=(32, 32, 48), seed=0, num_inference_steps=2)
+    plain, z0 = _final_latents(tiny_pipe, monkeypatch, None, **kw)
+    assert plain.image_hu.shape == (32, 32, 48) and plain.label_map is None
+    _, z1 = _final_latents(tiny_pipe, monkeypatch, None, guidance_scale=1.0, **kw)
+    _, z2 = _final_latents(tiny_pipe, monkeypatch, None, guidance_scale=2.0, **kw)
+    torch.testing.assert_close(z1, z0, atol=1e-4, rtol=1e-4)  # u + 1 * (c - u) == c
+    assert (z2 - z0).abs().max() > 1e-4  # the modality class (unknown vs CT) matters; float noise is ~1e-6
+
+
+def test_tumour_guidance_runs_with_and_without_a_tumour(guided_pipe, label_map, monkeypatch):
+    """Upstream guides on any mask: without a tumour only the modality class differs; with one, the mask too."""
+    tiny_pipe = guided_pipe
+    kw = dict(spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
     lm = label_map.copy()
     lm[9:11, 9:11, 9:11] = 26
-    out = tiny_pipe.generate(lm, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2, guidance_scale=1.5)
-    assert out.image_hu.shape == (32, 32, 32)
+    for mask in (label_map, lm):
+        plain, z0 = _final_latents(tiny_pipe, monkeypatch, mask, **kw)
+        _, z1 = _final_latents(tiny_pipe, monkeypatch, mask, guidance_scale=1.0, **kw)
+        guided, z15 = _final_latents(tiny_pipe, monkeypatch, mask, guidance_scale=1.5, **kw)
+        assert guided.image_hu.shape == plain.image_hu.shape == (32, 32, 32)
+        torch.testing.assert_close(z1, z0, atol=1e-4, rtol=1e-4)
+        assert (z15 - z0).abs().max() > 1e-4
+    # the unconditional branch of a tumour mask drops the tumour: only there does the control input change
+    cond = tiny_pipe.prepare_conditioning((1.5,) * 3, label_map=lm)
+    uncond_control, _ = tiny_pipe.prepare_guidance(lm, cond, 1.5)
+    assert uncond_control is not None
+    assert torch.equal(uncond_control, tiny_pipe.prepare_control(remove_tumors(lm)))
+    assert not np.any(remove_tumors(lm) == 26) and tiny_pipe.prepare_guidance(label_map, cond, 1.5)[0] is None
 
 
 def test_callback_reports_each_step(tiny_pipe, label_map):
@@ -121,9 +167,13 @@ def test_neither_label_map_nor_size(tiny_pipe):
 
 
 def test_official_preset_enforces_released_geometry_before_any_compute(label_map):
+    """generate applies the released model's geometry rules first: a 32^3 mask never reaches the networks."""
     pipe = MaisiPipeline.from_config(presets.maisi_ct_rflow(), device="meta")
-    with pytest.raises(DeviceError, match=r"expects real weights to generate, but got device='meta'"):
+    with pytest.raises(GeometryError, match=r"x and y in \[256, 384, 512\], but got output_size_vox=\[32, 32, 32\]"):
         pipe.generate(label_map, spacing_mm=(1.5,) * 3)
+    released = np.full((256, 256, 128), 200, np.uint8)  # a geometry the rules accept: only then the device
+    with pytest.raises(DeviceError, match=r"expects real weights to generate, but got device='meta'"):
+        pipe.generate(released, spacing_mm=(1.5, 1.5, 2.5))
 
 
 def test_meta_pipeline_check_inputs_uses_official_rules(label_map):

@@ -340,11 +340,19 @@ def test_vae_decoder_only_keeps_encoder_and_scale_factor(tmp_path, tiny_pipe, ti
 
 
 def test_roi_loss_weight_applies_to_every_stage(tmp_path, tiny_cases):
-    cfg = TrainingConfig(steps_vae=2, steps_unet=2, steps_controlnet=2, batch_vae=1, vae_patch_vox=16,
-                         roi_loss_weight=4.0)
-    train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=tmp_path / "m", checkpoint_dir=tmp_path / "ck", training=cfg)
-    log = _log(tmp_path / "ck")
-    assert len(log) == 6 and all(math.isfinite(r["loss"]) for r in log)
+    """Same seeds and data, weight 1 vs 4: every stage's first loss changes (it did not if a stage ignored it)."""
+    first = {}
+    for weight in (1.0, 4.0):
+        cfg = TrainingConfig(steps_vae=2, steps_unet=2, steps_controlnet=2, batch_vae=1, vae_patch_vox=16,
+                             roi_loss_weight=weight)
+        run = tmp_path / f"w{weight:g}"
+        train_pipeline(presets.tiny(), tiny_cases[:2], out_dir=run / "m", checkpoint_dir=run / "ck", training=cfg)
+        log = _log(run / "ck")
+        assert len(log) == 6 and all(math.isfinite(r["loss"]) for r in log)
+        first[weight] = {r["stage"]: r["loss"] for r in reversed(log)}  # each stage's first step wins
+    assert set(first[1.0]) == {"vae", "unet", "controlnet"}
+    for stage in first[1.0]:
+        assert first[4.0][stage] != pytest.approx(first[1.0][stage], rel=1e-4), stage
 
 
 def test_lr_decays_with_the_spent_time_budget_too():
