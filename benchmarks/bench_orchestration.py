@@ -50,26 +50,27 @@ runtime: {{batch_size: {batch}, max_workers: 1, generator: "sleep:{sleep}"}}
 
 def baseline_loop(spec, root: str, sleep: float, batch: int) -> tuple[float, float]:
     """The same cases, commits and dataset tail as plain function calls; return (cases + commits, tail) seconds."""
-    from catalog.store import open_catalog
+    from catalog.root import DatasetRoot
     from flows.case import SleepGenerator, run_case
     from flows.generate import publish_card, record_dataset, validate_dataset
     from flows.plan import plan_dataset
 
     t0 = time.perf_counter()
     plan = plan_dataset(spec)
-    gen, cat, pending = SleepGenerator(sleep), open_catalog(root), []
+    where = DatasetRoot.of(root)
+    gen, cat, pending = SleepGenerator(sleep), where.catalog(), []
     for case in plan.cases:
-        pending.append(run_case(case, gen, output_root=root, code_version="bench"))
+        pending.append(run_case(case, gen, root=where, code_version="bench"))
         if len(pending) >= batch:
             cat.append_samples(pending)
             pending = []
     if pending:
         cat.append_samples(pending)
     t1 = time.perf_counter()
-    metrics = validate_dataset.fn(spec, plan.spec_id, output_root=root, storage_options=None)
-    record_dataset.fn(spec, plan.spec_id, output_root=root, storage_options=None, metrics=metrics, timings={},
-                      code_version="bench", new_rows=len(plan.cases))
-    publish_card.fn(root, None)
+    metrics = validate_dataset.fn(spec, plan.spec_id, root=where)
+    record_dataset.fn(spec, plan.spec_id, root=where, metrics=metrics, timings={}, code_version="bench",
+                      new_rows=len(plan.cases))
+    publish_card.fn(where)
     return t1 - t0, time.perf_counter() - t1
 
 

@@ -8,7 +8,7 @@ corpus uses seeds ``seed * 1_000_003 + i`` with i < 1000), the model generates o
 (b) per-organ mean absolute error of generated organ median HU against the intensity model's organ medians
     (:func:`maisi_core.intensity.tissue_hu_medians`), with the same error of the intensity model's own phantom
     CTs of those masks as a floor (bone's reference, the cortex/cancellous midpoint, is a poor one);
-(c) the FRD-style Fréchet distance (radiomics features, :func:`maisi_core.metrics.compute_frechet`) of generated
+(c) the FRD-style Fréchet distance (radiomics features, :func:`maisi_core.frechet.compute_frechet`) of generated
     volumes vs held-out phantom CTs (set A), next to two baselines measured in the same run: set A vs another
     held-out set B, and set A vs set A with Gaussian noise (sigma ``--noise-hu``).
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi_core import MaisiPipeline, io, qc
+from maisi_core import MaisiPipeline, preview, qc
+from maisi_core.frechet import compute_frechet
 from maisi_core.intensity import synthesize_ct, tissue_hu_medians
 from maisi_core.labels import label_name, tumor_ids_in
-from maisi_core.metrics import compute_frechet
 from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
 from maisi_core.qc_tumor import measure_tumor
 from maisi_core.training_data import generate_phantom_case
@@ -85,8 +85,8 @@ def run_tumor_set(pipe, args) -> dict:
         row["phantom"].append(measure_tumor(phantom, label_map, tumor_id, affine).contrast_hu)
         row["pass"].append(contrast_ok[-1])
         if i < args.previews:
-            io.save_preview_png(out.image_hu, label_map, args.out / f"tumor_generated_{i:02d}.png")
-            io.save_preview_png(phantom, label_map, args.out / f"tumor_phantom_{i:02d}.png")
+            preview.save_preview_png(out.image_hu, label_map, args.out / f"tumor_generated_{i:02d}.png")
+            preview.save_preview_png(phantom, label_map, args.out / f"tumor_phantom_{i:02d}.png")
         print(f"tumour case {i:2d} {name}: contrast {row['generated'][-1]:+.0f} HU "
               f"(phantom {row['phantom'][-1]:+.0f}), qc {result.summary()}", flush=True)
     return {
@@ -182,8 +182,8 @@ def main() -> None:
         paired_phantoms.append(phantom)
         qc_results.append(result)
         if i < args.previews:
-            io.save_preview_png(out.image_hu, label_map, args.out / f"generated_{i:02d}.png")
-            io.save_preview_png(phantom, label_map, args.out / f"phantom_{i:02d}.png")
+            preview.save_preview_png(out.image_hu, label_map, args.out / f"generated_{i:02d}.png")
+            preview.save_preview_png(phantom, label_map, args.out / f"phantom_{i:02d}.png")
         print(f"case {i:2d} {REGIONS[i % len(REGIONS)]}: {gen_s[-1]:.1f} s, qc {result.summary()}", flush=True)
 
     tumor_report = run_tumor_set(pipe, args)

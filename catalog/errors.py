@@ -18,6 +18,10 @@ class CatalogError(Exception):
     """Raised when the catalog cannot do what it was asked (base class)."""
 
 
+class CatalogPathError(CatalogError, ValueError):
+    """Raised when a path would leave the dataset root (absolute, a URI of its own, or climbing out with ``..``)."""
+
+
 class CatalogNotFoundError(CatalogError, FileNotFoundError):
     """Raised when no catalog table exists at the given root or a requested version does not exist."""
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 
 import fsspec
+
+from catalog.errors import CatalogPathError
 
 _CHUNK = 1 << 20
 
@@ -31,11 +34,45 @@ def join_uri(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def relative_path(relative: str, *, who: str = "relative_path") -> str:
+    """``relative`` normalised, when it names a place under a root; the string half of :func:`resolve_inside`.
+
+    Raises:
+        CatalogPathError: ``relative`` is absolute, a URI, a drive path, uses backslashes, or climbs out with ``..``.
+    """
+    rel = str(relative)
+    if "://" in rel or rel.startswith(("/", "\\")) or "\\" in rel or (len(rel) > 1 and rel[1] == ":"):
+        raise CatalogPathError(f"{who} expects a relative path inside the output root, but got relative={rel!r}.")
+    norm = posixpath.normpath(rel)
+    if norm in (".", "..") or norm.startswith("../"):
+        raise CatalogPathError(f"{who} expects a path that stays inside the output root, but got relative={rel!r}.")
+    return norm
+
+
+def resolve_inside(root: str, relative: str, *, who: str = "resolve_inside") -> str:
+    """Join ``relative`` under ``root`` and check that the result stays inside the root.
+
+    The one path rule of the project, for reading and for writing: a catalog row, an export or a case
+    names files relative to the dataset root, never elsewhere. Local roots are resolved with symbolic
+    links followed, so a link inside the root that points outside it is refused too.
+
+    Raises:
+        CatalogPathError: ``relative`` is absolute, a URI, uses backslashes, or climbs out with ``..``.
+    """
+    norm = relative_path(relative, who=who)
+    if is_remote(root):
+        return root.rstrip("/") + "/" + norm
+    base = Path(root.removeprefix("file://")).expanduser().resolve()
+    full = (base / norm).resolve()
+    if not full.is_relative_to(base):
+        raise CatalogPathError(f"{who} expects a path that stays inside {base}, but got relative={str(relative)!r} "
+                               f"(resolves to {full}).")
+    return str(full)
+
+
 def resolve_uri(root: str, uri: str) -> str:
-    """Return ``uri`` as an absolute URI: relative ones are taken under ``root``."""
-    if is_remote(uri) or uri.startswith("/") or uri.startswith("file://"):
-        return uri[len("file://"):] if uri.startswith("file://") else uri
-    return join_uri(root, uri)
+    """A file URI of a catalog row (relative to ``root``) as an absolute URI; see :func:`resolve_inside`."""
+    return resolve_inside(root, uri, who="catalog")
 
 
 def fsspec_options(storage_options: Mapping[str, str] | None) -> dict:

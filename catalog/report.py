@@ -100,7 +100,7 @@ def plot_organ_hu(rows: list[dict[str, Any]], ranges: dict[str, tuple[float, flo
 
 
 def _preview(catalog: Catalog, row: dict[str, Any]) -> str:
-    from maisi_core.io import save_preview_png
+    from maisi_core.preview import save_preview_png
 
     try:
         image = np.asanyarray(load_nifti(catalog, row["image_uri"]).dataobj).astype(np.float32)

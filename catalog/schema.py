@@ -15,7 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog.errors import RecordError, SchemaMismatchError
+from catalog.errors import CatalogPathError, RecordError, SchemaMismatchError
+from catalog.fs import relative_path
 
 SCHEMA_VERSION = 4  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
 # 4: samples.cpu_threads
@@ -195,9 +196,12 @@ def check_sample_row(row: Mapping[str, Any]) -> None:
                               f"{row[present[0]]!r} for sample_id={sid!r}. Failed cases are never published.")
     else:
         for key in ("image_uri", "label_uri"):
-            if ".." in str(row.get(key) or "").replace("\\", "/").split("/"):
-                raise RecordError(f"SampleRecord expects {key} inside the output root, but got {key}="
-                                  f"{row[key]!r} for sample_id={sid!r}. Paths may not contain '..'.")
+            if row.get(key):
+                try:
+                    relative_path(row[key], who="SampleRecord")
+                except CatalogPathError:
+                    raise RecordError(f"SampleRecord expects {key} relative to the output root, but got {key}="
+                                      f"{row[key]!r} for sample_id={sid!r}. No absolute paths, URIs or '..'.") from None
         missing = [u for u in uris if not row.get(u)]
         if missing:
             raise RecordError(f"SampleRecord expects {missing[0]} on a passed row, but got {missing[0]}="

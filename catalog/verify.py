@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog import fs as _fs
-from catalog.errors import CatalogReadError, VerifyError
+from catalog.errors import CatalogPathError, CatalogReadError, VerifyError
 from catalog.store import TABLES, Catalog
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class FileProblem:
 
     sample_id: str
     uri: str
-    problem: str  # "missing", "sha256 mismatch" or "size mismatch"
+    problem: str  # "missing", "sha256 mismatch", "size mismatch" or "outside the root"
 
     def __str__(self) -> str:
         return f"{self.sample_id}: {self.problem}: {self.uri}"
@@ -182,7 +182,10 @@ class RepairResult:
 
 
 def _check_file(catalog: Catalog, sample_id: str, uri: str, sha256: str, size: int | None) -> FileProblem | None:
-    full = _fs.resolve_uri(catalog.root_uri, uri)
+    try:
+        full = _fs.resolve_uri(catalog.root_uri, uri)
+    except CatalogPathError:  # a row naming a file elsewhere: reported, never read
+        return FileProblem(sample_id, uri, "outside the root")
     fs, path = _fs.filesystem(full, catalog.storage_options)
     if not fs.exists(path):
         return FileProblem(sample_id, full, "missing")
@@ -217,7 +220,12 @@ def find_orphans(catalog: Catalog, referenced: set[str], listing: Mapping[str, A
     """Return volume files under the catalog root (outside ``catalog/``) that no row references."""
     listing = list_root(catalog) if listing is None else listing
     root = _fs.filesystem(catalog.root_uri, catalog.storage_options)[1].rstrip("/")
-    known = {_fs.filesystem(_fs.resolve_uri(catalog.root_uri, u), catalog.storage_options)[1] for u in referenced}
+    known = set()
+    for uri in referenced:
+        try:
+            known.add(_fs.filesystem(_fs.resolve_uri(catalog.root_uri, uri), catalog.storage_options)[1])
+        except CatalogPathError:  # reported by the file check; it cannot make a file under the root known
+            continue
     return tuple(sorted(rel for rel in listing if not rel.startswith(_CATALOG_DIR) and rel.endswith(VOLUME_SUFFIXES)
                         and f"{root}/{rel}" not in known))
 

@@ -33,9 +33,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from catalog.root import DatasetRoot
 from catalog.schema import SampleRecord
 from flows.errors import CaseInputError
-from flows.plan import CaseRequest, attempt_seed, derive_seed, resolve_output_uri
+from flows.plan import CaseRequest, attempt_seed, derive_seed
 from flows.storage import publish_volume, unpublish, written_header
 
 logger = logging.getLogger(__name__)
@@ -291,8 +292,7 @@ def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attemp
     )
 
 
-def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str,
-             storage_options: Mapping[str, str] | None = None, code_version: str = "",
+def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoot, code_version: str = "",
              make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask,
              cpu_threads: int | None = None) -> SampleRecord:
     """Generate, check and write one case; return its catalog record.
@@ -341,15 +341,14 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, output_root: str
         if not qc.passed:
             reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
             continue
-        image_uri = resolve_output_uri(output_root, request.image_uri)
-        label_uri = resolve_output_uri(output_root, request.label_uri)
-        image, _ = publish_volume(save_image, image_uri, volume.image_hu, volume.affine, storage_options=storage_options)
-        label, _ = publish_volume(save_label, label_uri, volume.label_map, volume.affine, storage_options=storage_options)
-        written = check_written_geometry(written_header(image_uri, storage_options),
-                                         written_header(label_uri, storage_options), shape=request.output_size,
+        image_uri, label_uri = root.resolve(request.image_uri), root.resolve(request.label_uri)
+        image, _ = publish_volume(save_image, image_uri, volume.image_hu, volume.affine, root=root)
+        label, _ = publish_volume(save_label, label_uri, volume.label_map, volume.affine, root=root)
+        written = check_written_geometry(written_header(image_uri, root), written_header(label_uri, root),
+                                         shape=request.output_size,
                                          affine=mask.affine, spacing_mm=request.spacing_mm)
         if written:
-            unpublish([image_uri, label_uri], storage_options)
+            unpublish([image_uri, label_uri], root)
             last_failures = tuple(f.message for f in written)
             reasons.append(f"attempt {attempt}: qc: " + "; ".join(last_failures))
             continue

@@ -28,7 +28,8 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalog.schema import SampleRecord
-from catalog.store import Catalog, open_catalog
+from catalog.root import DatasetRoot
+from catalog.store import Catalog
 from flows.case import get_generator, run_case
 from flows.errors import CaseInputError, CasesCrashedError
 from flows.plan import CaseRequest, plan_dataset
@@ -44,48 +45,50 @@ from flows.runtime import (
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from flows.spec import DatasetSpec, canonical_json, validate_spec
 
-REPORT_NAME = "dataset_card.html"
+
+
+def _with_credentials(root: DatasetRoot) -> DatasetRoot:
+    """``root`` with the credentials of this process (environment, secret block) added to its public options."""
+    return root.with_storage_options(resolve_storage_options(root.storage_options))
 
 
 @task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
-def generate_case(request: CaseRequest, *, output_root: str, storage_options: dict[str, str] | None,
-                  generator: str, device: str, decode_preset: str | None, code_version: str,
+def generate_case(request: CaseRequest, *, root: DatasetRoot, generator: str, device: str, decode_preset: str | None, code_version: str,
                   precision: str = "auto", threads: int | None = None) -> SampleRecord | CaseInputError:
     """Generate, check and write one case (the model is loaded once per worker process).
 
     Returns the record, or the :class:`CaseInputError` when the case's input is unusable (nothing
     recorded; the flow reports it).
     """
-    storage_options = resolve_storage_options(storage_options)
+    root = _with_credentials(root)
     if threads is not None:
         set_cpu_threads(threads)
     gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
     try:
-        return run_case(request, gen, output_root=output_root, storage_options=storage_options,
-                        code_version=code_version, cpu_threads=threads)
+        return run_case(request, gen, root=root, code_version=code_version, cpu_threads=threads)
     except CaseInputError as exc:  # returned, not raised: an input problem is not a task crash to log
         return exc
 
 
 @task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
-def find_committed(output_root: str, storage_options: dict[str, str] | None, spec_id: str) -> set[str]:
+def find_committed(root: DatasetRoot, spec_id: str) -> set[str]:
     """Return the sample_ids of ``spec_id`` that are done: committed (passed or failed), files in place.
 
     A passed row whose image or label file is gone (deleted by hand, lost with a disk) is not done: the
     run regenerates the case from its seed, which writes the same bytes, and the identical record is a
     no-op for the catalog.
     """
-    storage_options = resolve_storage_options(storage_options)
     import pyarrow.compute as pc
 
-    cat = open_catalog(output_root, storage_options)
+    root = _with_credentials(root)
+    cat = root.catalog()
     if not cat.exists("samples"):
         return set()
     rows = cat.read_table("samples", columns=["sample_id", "status", "image_uri", "label_uri"],
                           filter=pc.field("spec_id") == spec_id).to_pylist()
     done = {r["sample_id"] for r in rows}
     passed = [r for r in rows if r["status"] == "passed"]
-    missing = _missing_files(cat, [r[k] for r in passed for k in ("image_uri", "label_uri")])
+    missing = _missing_files(root, [r[k] for r in passed for k in ("image_uri", "label_uri")])
     for row in passed:
         if row["image_uri"] in missing or row["label_uri"] in missing:
             _logger().warning("case %s is committed but its files are missing; regenerating it", row["sample_id"])
@@ -105,14 +108,12 @@ def _logger() -> Any:
         return logging.getLogger(__name__)
 
 
-def _missing_files(cat: Catalog, uris: list[str]) -> set[str]:
+def _missing_files(root: DatasetRoot, uris: list[str]) -> set[str]:
     """The URIs of ``uris`` that do not exist; one listing per folder, not one request per file."""
-    from catalog.fs import filesystem, resolve_uri
-
     listed: dict[str, set[str]] = {}
     missing = set()
     for uri in uris:
-        fs, path = filesystem(resolve_uri(cat.root_uri, uri), cat.storage_options)
+        fs, path = root.filesystem(uri)
         folder = path.rsplit("/", 1)[0]
         if folder not in listed:
             try:
@@ -125,11 +126,9 @@ def _missing_files(cat: Catalog, uris: list[str]) -> set[str]:
 
 
 @task(name="find-recorded-metrics", cache_policy=NO_CACHE, persist_result=False)
-def find_recorded_metrics(spec_id: str, *, output_root: str,
-                          storage_options: dict[str, str] | None) -> dict[str, float] | None:
+def find_recorded_metrics(spec_id: str, *, root: DatasetRoot) -> dict[str, float] | None:
     """Return the metrics of the dataset row already recorded for the catalog as it is now, else None."""
-    storage_options = resolve_storage_options(storage_options)
-    cat = open_catalog(output_root, storage_options)
+    cat = _with_credentials(root).catalog()
     row = _recorded_dataset_row(cat, spec_id)
     return None if row is None else {str(k): float(v) for k, v in (row["metrics"] or [])}
 
@@ -146,15 +145,14 @@ def _recorded_dataset_row(cat: Catalog, spec_id: str) -> dict[str, Any] | None:
 
 
 @task(name="commit-records", cache_policy=NO_CACHE, persist_result=False)
-def commit_records(records: list[SampleRecord], *, output_root: str, storage_options: dict[str, str] | None,
-                   metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()) -> int:
+def commit_records(records: list[SampleRecord], *, root: DatasetRoot, metadata: Mapping[str, Any],
+                   retried: frozenset[str] = frozenset()) -> int:
     """Commit one batch of records; return the version.
 
     New cases are appended; cases in ``retried`` (recorded failures generated again by ``--retry-failed``)
     replace their failed rows in one atomic commit (the failed rows stay in earlier versions).
     """
-    storage_options = resolve_storage_options(storage_options)
-    cat = open_catalog(output_root, storage_options)
+    cat = _with_credentials(root).catalog()
     again = [r for r in records if r.sample_id in retried]
     fresh = [r for r in records if r.sample_id not in retried]
     version = -1
@@ -166,12 +164,11 @@ def commit_records(records: list[SampleRecord], *, output_root: str, storage_opt
 
 
 @task(name="find-failed", cache_policy=NO_CACHE, persist_result=False)
-def find_failed(output_root: str, storage_options: dict[str, str] | None, spec_id: str) -> dict[str, int]:
+def find_failed(root: DatasetRoot, spec_id: str) -> dict[str, int]:
     """Return ``{sample_id: last attempt}`` of the recorded failures of ``spec_id``."""
     import pyarrow.compute as pc
 
-    storage_options = resolve_storage_options(storage_options)
-    cat = open_catalog(output_root, storage_options)
+    cat = _with_credentials(root).catalog()
     if not cat.exists("samples"):
         return {}
     rows = cat.read_table("samples", columns=["sample_id", "attempt"],
@@ -180,20 +177,18 @@ def find_failed(output_root: str, storage_options: dict[str, str] | None, spec_i
 
 
 @task(name="record-dataset", cache_policy=NO_CACHE, persist_result=False)
-def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage_options: dict[str, str] | None,
-                   metrics: Mapping[str, float], timings: Mapping[str, float], code_version: str,
+def record_dataset(spec: DatasetSpec, spec_id: str, *, root: DatasetRoot, metrics: Mapping[str, float], timings: Mapping[str, float], code_version: str,
                    new_rows: int) -> dict[str, Any]:
     """Append the dataset row (counts, timings, model, code version); skip it when nothing changed.
 
     Takes the ``spec_id``, not the plan: Prefect walks every task argument looking for futures, which
     costs 0.5-1 ms per planned case for a plan (0.1-0.2 s for 200 cases on 2 busy cores).
     """
-    storage_options = resolve_storage_options(storage_options)
     import pyarrow.compute as pc
 
     from flows.models import model_name, pipeline_config
 
-    cat = open_catalog(output_root, storage_options)
+    cat = _with_credentials(root).catalog()
     rows = cat.read_table("samples", filter=pc.field("spec_id") == spec_id,
                           columns=["sample_id", "status", "cohort", "model_digest"]).to_pylist()
     summary = {
@@ -213,29 +208,25 @@ def record_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str, storage
 
 
 @task(name="validate-dataset", cache_policy=NO_CACHE, persist_result=False)
-def validate_dataset(spec: DatasetSpec, spec_id: str, *, output_root: str,
-                     storage_options: dict[str, str] | None) -> dict[str, float]:
+def validate_dataset(spec: DatasetSpec, spec_id: str, *, root: DatasetRoot) -> dict[str, float]:
     """Dataset metrics from ``flows.validate.validate_dataset``."""
-    storage_options = resolve_storage_options(storage_options)
     from flows import validate
 
-    cat = open_catalog(output_root, storage_options)
+    cat = _with_credentials(root).catalog()
     return {str(k): float(v) for k, v in validate.validate_dataset(cat, spec=spec, spec_id=spec_id).items()}
 
 
 @task(name="publish-card", cache_policy=NO_CACHE, persist_result=False)
-def publish_card(output_root: str, storage_options: dict[str, str] | None) -> str:
+def publish_card(root: DatasetRoot) -> str:
     """Write the HTML dataset card to ``ROOT/dataset_card.html`` (``catalog.report.write_report``)."""
-    storage_options = resolve_storage_options(storage_options)
     from catalog.report import write_report
-    from flows.plan import resolve_output_uri
 
-    uri = resolve_output_uri(output_root, REPORT_NAME)
-    write_report(open_catalog(output_root, storage_options), uri, storage_options=storage_options)
-    return uri
+    root = _with_credentials(root)
+    write_report(root.catalog(), root.card_uri, storage_options=root.storage_options)
+    return root.card_uri
 
 
-def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str, storage_options, version: str,
+def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot, version: str,
                   gpu_resources: bool) -> dict[PrefectFuture, CaseRequest]:
     import contextlib
 
@@ -247,14 +238,13 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, output_root: str,
 
         annotate = dask.annotate(resources={"GPU": 1})
     with annotate:
-        return {generate_case.submit(c, output_root=output_root, storage_options=storage_options,
-                                     generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
+        return {generate_case.submit(c, root=root, generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
                                      precision=rt.precision, code_version=version, threads=threads): c
                 for c in cases}
 
 
-def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, output_root: str,
-                        storage_options, metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()
+def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, root: DatasetRoot,
+                        metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()
                         ) -> tuple[list[SampleRecord], list[str], int]:
     """Commit records every ``batch_size`` results as they complete.
 
@@ -270,8 +260,8 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
 
     def flush() -> None:
         if batch:
-            version = commit_records(list(batch), output_root=output_root, storage_options=storage_options,
-                                     metadata=metadata, retried=retried & {r.sample_id for r in batch})
+            version = commit_records(list(batch), root=root, metadata=metadata,
+                                     retried=retried & {r.sample_id for r in batch})
             notify("committed", version=version, rows=len(batch))
             logger.info("committed %d records as samples version %s", len(batch), version)
             batch.clear()
@@ -298,19 +288,18 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
     return records, crashed, inputs
 
 
-def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, output_root: str,
-                     storage_options) -> dict[str, float]:
+def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, root: DatasetRoot) -> dict[str, float]:
     """Validate the dataset, unless this run committed nothing and its metrics are already recorded.
 
     Validation reads up to 64 passing cases and extracts their features (about 10 s on 2 CPU cores), so a
     re-run that finds every case committed reuses the metrics of the row recorded for this catalog version.
     """
     if not changed:
-        recorded = find_recorded_metrics(spec_id, output_root=output_root, storage_options=storage_options)
+        recorded = find_recorded_metrics(spec_id, root=root)
         if recorded is not None:
             get_run_logger().info("catalog unchanged since its dataset row; reusing the recorded metrics")
             return recorded
-    return validate_dataset(spec, spec_id, output_root=output_root, storage_options=storage_options)
+    return validate_dataset(spec, spec_id, root=root)
 
 
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
@@ -331,35 +320,33 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     t0 = time.perf_counter()
     logger = get_run_logger()
     spec = validate_spec(spec)
-    root = output_root or spec.output_uri
+    refuse_secret_options(storage_options, who="generate_dataset")
+    root = DatasetRoot.of(output_root or spec.output_uri, storage_options)  # public options only
     version = code_version or current_code_version()
     plan = plan_dataset(spec)
-    refuse_secret_options(storage_options, who="generate_dataset")
-    preflight(spec, output_root=root, storage_options=storage_options, load_model=False)
-    done = find_committed(root, storage_options, plan.spec_id)
-    failed = find_failed(root, storage_options, plan.spec_id) if retry_failed else {}
+    preflight(spec, output_root=root.uri, storage_options=storage_options, load_model=False)
+    done = find_committed(root, plan.spec_id)
+    failed = find_failed(root, plan.spec_id) if retry_failed else {}
     todo = [c.model_copy(update={"first_attempt": failed[c.sample_id] + 1}) if c.sample_id in failed else c
             for c in plan.cases if c.sample_id not in done or c.sample_id in failed]
     notify("planned", total=len(plan.cases), skipped=len(plan.cases) - len(todo), todo=len(todo))
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
                 len(plan.cases) - len(todo), len(todo))
     t_generate = time.perf_counter()
-    futures = _submit_cases(todo, spec, root, storage_options, version, gpu_resources)
+    futures = _submit_cases(todo, spec, root, version, gpu_resources)
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
-    records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, output_root=root,
-                                                   storage_options=storage_options, metadata=meta,
-                                                   retried=frozenset(failed))
-    if crashed and not open_catalog(root, resolve_storage_options(storage_options)).exists("samples"):
+    records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, root=root,
+                                                   metadata=meta, retried=frozenset(failed))
+    if crashed and not _with_credentials(root).catalog().exists("samples"):
         raise CasesCrashedError(crashed, inputs)
     t_validate = time.perf_counter()
-    metrics = _dataset_metrics(spec, plan.spec_id, changed=bool(records), output_root=root,
-                               storage_options=storage_options)
+    metrics = _dataset_metrics(spec, plan.spec_id, changed=bool(records), root=root)
     t_end = time.perf_counter()
     timings = {"wall": t_end - t0, "cases": float(len(records)), "plan": t_generate - t0,
                "generate": t_validate - t_generate, "validate": t_end - t_validate}
-    summary = record_dataset(spec, plan.spec_id, output_root=root, storage_options=storage_options, metrics=metrics,
-                             timings=timings, code_version=version, new_rows=len(records))
-    summary["card_uri"] = publish_card(root, storage_options) if summary["n_samples"] else None
+    summary = record_dataset(spec, plan.spec_id, root=root, metrics=metrics, timings=timings, code_version=version,
+                             new_rows=len(records))
+    summary["card_uri"] = publish_card(root) if summary["n_samples"] else None
     if crashed:
         raise CasesCrashedError(crashed, inputs)
     return {**summary, "generated": len(records), "skipped": len(plan.cases) - len(todo), "retried": len(failed)}

@@ -15,9 +15,7 @@ anything touches a GPU; every problem is reported at once with its place in the 
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -147,27 +145,18 @@ def make_sample_id(dataset: str, cohort: str, index: int, sid: str) -> str:
 
 
 def resolve_output_uri(root: str, relative: str) -> str:
-    """Join ``relative`` under ``root`` and check the result stays inside the root.
+    """Join ``relative`` under ``root`` and check the result stays inside the root (``catalog.fs.resolve_inside``).
 
     Raises:
         OutputPathError: the relative path is absolute, has a scheme, or climbs out with ``..``.
     """
-    rel = str(relative)
-    if "://" in rel or rel.startswith(("/", "\\")) or "\\" in rel:
-        raise OutputPathError(f"resolve_output_uri expects a relative path inside the output root, but got "
-                              f"relative={rel!r}.")
-    norm = posixpath.normpath(rel)
-    if norm == "." or norm == ".." or norm.startswith("../"):
-        raise OutputPathError(f"resolve_output_uri expects a path that stays inside the output root, but got "
-                              f"relative={rel!r}.")
-    if "://" in root and not root.startswith("file://"):
-        return root.rstrip("/") + "/" + norm
-    base = Path(root.removeprefix("file://")).expanduser().resolve()
-    full = (base / norm).resolve()
-    if not full.is_relative_to(base):
-        raise OutputPathError(f"resolve_output_uri expects a path that stays inside {base}, but got "
-                              f"relative={rel!r} (resolves to {full}).")
-    return str(full)
+    from catalog.errors import CatalogPathError
+    from catalog.fs import resolve_inside
+
+    try:
+        return resolve_inside(root, relative, who="resolve_output_uri")
+    except CatalogPathError as exc:
+        raise OutputPathError(str(exc)) from None
 
 
 def case_paths(sample_id: str) -> tuple[str, str]:

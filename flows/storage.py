@@ -17,6 +17,7 @@ import numpy as np
 
 from catalog.fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
 from catalog.fs import sha256_and_size
+from catalog.root import DatasetRoot
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,20 @@ def sha256_of(uri: str, options: Mapping[str, Any]) -> str:
 
 
 def publish_volume(save: SaveFn, uri: str, array: np.ndarray, affine: np.ndarray, *,
-                   storage_options: Mapping[str, str] | None) -> tuple[Any, str]:
-    """Write a volume with ``maisi_core.io.save_image``/``save_label``, handling a file already there.
+                   root: DatasetRoot) -> tuple[Any, str]:
+    """Write a volume under ``root`` with ``maisi_core.io.save_image``/``save_label``, handling a file already there.
 
-    File names are deterministic, so a file can only exist already when an earlier run wrote it and
-    crashed before committing its row (an orphan). Its bytes are compared with the new ones: the same
-    sha256 keeps it, a different one replaces it atomically.
+    ``uri`` comes from ``root.resolve`` (checked to stay inside the root). File names are deterministic,
+    so a file can only exist already when an earlier run wrote it and crashed before committing its row
+    (an orphan). Its bytes are compared with the new ones: the same sha256 keeps it, a different one
+    replaces it atomically.
 
     Returns:
         ``(FileInfo, action)`` with action ``"written"``, ``"kept"`` or ``"replaced"``.
     """
     from maisi_core.errors import OutputExistsError
 
-    opts = fsspec_options(uri, storage_options)
+    opts = root.fsspec_options()
     try:
         return save(uri, array, affine, storage_options=opts), "written"
     except OutputExistsError:
@@ -69,17 +71,17 @@ def publish_volume(save: SaveFn, uri: str, array: np.ndarray, affine: np.ndarray
     return save(uri, array, affine, storage_options=opts, overwrite=True), "replaced"
 
 
-def written_header(uri: str, storage_options: Mapping[str, str] | None) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The shape and affine a written NIfTI file declares (its header only: the first kilobytes)."""
+def written_header(uri: str, root: DatasetRoot) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The shape and affine a written NIfTI file under ``root`` declares (its header only: the first kilobytes)."""
     from maisi_core.io import check_nifti_header
 
-    return check_nifti_header(uri, storage_options=fsspec_options(uri, storage_options), who="written file")
+    return check_nifti_header(uri, storage_options=root.fsspec_options(), who="written file")
 
 
-def unpublish(uris: list[str], storage_options: Mapping[str, str] | None) -> None:
-    """Remove files a case published but must not keep (no catalog row points at them yet)."""
+def unpublish(uris: list[str], root: DatasetRoot) -> None:
+    """Remove files a case published under ``root`` but must not keep (no catalog row points at them yet)."""
     for uri in uris:
-        fs, path = fsspec.core.url_to_fs(uri, **fsspec_options(uri, storage_options))
+        fs, path = fsspec.core.url_to_fs(uri, **root.fsspec_options())
         if fs.exists(path):
             fs.rm(path)
             logger.warning("removed %s: the file as written failed its geometry check", uri)

@@ -1,8 +1,9 @@
 """Dataset-level validation: Fréchet distances, diversity and memorisation of a generated dataset.
 
 Plain functions (no Prefect) called by the ``generate-dataset`` flow at the end of a run and by
-``ctfactory validate ROOT``. The metrics come from :mod:`maisi_core.metrics` with its weights-free
-radiomics-style extractor, so every Fréchet distance here is an **FRD-style** distance, never FID.
+``ctfactory validate ROOT``. The metrics come from :mod:`maisi_core.frechet` and :mod:`maisi_core.diversity`
+with the weights-free radiomics-style extractor of :mod:`maisi_core.features`, so every Fréchet distance here
+is an **FRD-style** distance, never FID.
 
 Reference sets:
 
@@ -89,7 +90,7 @@ EXTRACTORS = ("radiomics", "astra")
 def build_extractor(name: str):
     """Return the feature extractor for a metric family: ``radiomics`` (default) or ``astra`` (extra)."""
     if name == "radiomics":
-        from maisi_core.metrics import RadiomicsFeatureExtractor
+        from maisi_core.features import RadiomicsFeatureExtractor
 
         return RadiomicsFeatureExtractor()
     if name == "astra":
@@ -109,8 +110,10 @@ def compute_dataset_metrics(
 
     ``extractor`` names the metric columns: ``fd_radiomics*`` or ``fd_astra*``.
     """
+    from maisi_core.diversity import diversity, memorization
+    from maisi_core.features import MemoizedExtractor
+    from maisi_core.frechet import compute_frechet
     from maisi_core.intensity import synthesize_ct
-    from maisi_core.metrics import MemoizedExtractor, compute_frechet, diversity, memorization
 
     if len(generated) < MIN_CASES:
         raise ValidationInputError(

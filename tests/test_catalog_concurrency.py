@@ -13,7 +13,7 @@ import multiprocessing
 import pytest
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
-from test_catalog_support import make_record
+from _catalog_cases import make_record
 
 from catalog import store
 from catalog.errors import CatalogError, CommitConflictError, RecordExistsError

@@ -9,7 +9,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.errors import ExportError, ExportExistsError
 from catalog.export import export_croissant, export_dataset, export_msd, export_nnunet

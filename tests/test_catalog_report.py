@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 
 import pytest
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.errors import ReportError
 from catalog.report import build_report_html, write_report

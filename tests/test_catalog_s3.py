@@ -8,7 +8,7 @@ import json
 import fsspec
 import pytest
 from s3_server import local_s3_server
-from test_catalog_support import make_record, write_case
+from _catalog_cases import make_record, write_case
 
 from catalog.errors import CatalogNotFoundError
 from catalog.export import export_msd

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
-from test_catalog_support import SPEC_ID, make_failed_record, make_record
+from _catalog_cases import SPEC_ID, make_failed_record, make_record
 
 from catalog.errors import CatalogError, CatalogNotFoundError, RecordError, RecordExistsError, SchemaMismatchError
 from catalog.schema import SAMPLES_SCHEMA, SCHEMA_VERSION, SampleRecord
@@ -88,8 +88,9 @@ def test_sample_record_rules():
         make_record(1, output_size=(32, 32))
     with pytest.raises(RecordError, match=r"expects label_sha256 on a passed row, but got label_sha256=None"):
         make_record(1, label_sha256=None)
-    with pytest.raises(RecordError, match=r"expects image_uri inside the output root, but got image_uri='\.\./x.nii.gz'"):
-        make_record(1, image_uri="../x.nii.gz")
+    for bad in ("../x.nii.gz", "/etc/passwd", "s3://other/x.nii.gz"):  # issue 13: absolute paths and URIs too
+        with pytest.raises(RecordError, match=rf"expects image_uri relative to the output root, but got image_uri={bad!r}"):
+            make_record(1, image_uri=bad)
 
 
 def test_append_dict_rows_with_unknown_column_raises(tmp_path):
@@ -165,7 +166,7 @@ def test_older_schema_table_reads_and_appends(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys
     sys.path[:0] = [{tests!r}, {root!r}]
-    from test_catalog_support import make_record
+    from _catalog_cases import make_record
     from catalog.store import open_catalog
     cat = open_catalog({path!r})
     start = int(sys.argv[1])

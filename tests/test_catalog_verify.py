@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from deltalake import write_deltalake
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.errors import CatalogError, CatalogReadError, VerifyError
 from catalog.schema import SAMPLES_SCHEMA, rows_to_table

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from flows.case import SleepGenerator, get_generator, run_case
@@ -49,7 +50,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_run_case_passes_and_writes_files(tmp_path):
     plan = plan_dataset(_spec(tmp_path))
     request = plan.cases[0]
-    record = run_case(request, get_generator("maisi", "preset:tiny", "cpu"), output_root=str(tmp_path),
+    record = run_case(request, get_generator("maisi", "preset:tiny", "cpu"), root=DatasetRoot.of(tmp_path),
                       code_version="test")
     assert (record.status, record.qc_pass, record.attempt, record.seed) == ("passed", True, 0, request.seed)
     assert record.image_uri == f"images/{request.sample_id}.nii.gz"
@@ -61,7 +62,7 @@ def test_run_case_passes_and_writes_files(tmp_path):
 def test_run_case_records_the_placed_tumour_diameter(tmp_path):
     spec = _spec(tmp_path, **{"    qc: {{organ_hu_check: false}}".format(): "    pathology: {type: lung_tumor, size_mm: [20, 40]}\n    qc: {organ_hu_check: false}"})
     request = plan_dataset(spec).cases[0]
-    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path))
+    record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert record.status == "passed" and record.tumor_label == 23
     assert 20.0 <= record.tumor_size_mm <= 40.0 and record.tumor_size_mm != 40.0  # the drawn size, not the max
 
@@ -69,13 +70,13 @@ def test_run_case_records_the_placed_tumour_diameter(tmp_path):
 def test_run_case_orphan_files_kept_or_replaced(tmp_path):
     request = plan_dataset(_spec(tmp_path)).cases[0]
     gen = get_generator("maisi", "preset:tiny", "cpu")
-    first = run_case(request, gen, output_root=str(tmp_path))
+    first = run_case(request, gen, root=DatasetRoot.of(tmp_path))
     image = tmp_path / first.image_uri
     mtime = image.stat().st_mtime_ns
-    again = run_case(request, gen, output_root=str(tmp_path))  # identical bytes: kept
+    again = run_case(request, gen, root=DatasetRoot.of(tmp_path))  # identical bytes: kept
     assert again.image_sha256 == first.image_sha256 and image.stat().st_mtime_ns == mtime
     image.write_bytes(b"partial garbage")
-    third = run_case(request, gen, output_root=str(tmp_path))  # different bytes: replaced
+    third = run_case(request, gen, root=DatasetRoot.of(tmp_path))  # different bytes: replaced
     assert third.image_sha256 == first.image_sha256
     import hashlib
 
@@ -85,7 +86,7 @@ def test_run_case_orphan_files_kept_or_replaced(tmp_path):
 def test_run_case_qc_failure_records_reason_and_writes_nothing(tmp_path):
     spec = _spec(tmp_path, **{"qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
     request = plan_dataset(spec).cases[0]
-    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path))
+    record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert (record.status, record.qc_pass, record.attempt) == ("failed", False, 1)
     assert record.image_uri is None and record.image_sha256 is None
     assert record.failure_reason.startswith("attempt 0: qc: lung: median ")
@@ -103,7 +104,7 @@ def test_run_case_mask_failure_retries_then_fails(tmp_path):
     def no_mask(req, seed):
         raise TumorPlacementError(f"place_tumor expects its host in view, but got seed={seed}.")
 
-    record = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), make_mask_fn=no_mask)
+    record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), make_mask_fn=no_mask)
     assert record.status == "failed" and record.failure_reason.count("mask: place_tumor expects") == 3
 
 
@@ -117,11 +118,11 @@ def test_get_generator_rejects_unknown():
 
 def test_tasks_fn_generate_and_commit(tmp_path):
     plan = plan_dataset(_spec(tmp_path))
-    record = generate_case.fn(plan.cases[1], output_root=str(tmp_path), storage_options=None, generator="sleep:0",
+    record = generate_case.fn(plan.cases[1], root=DatasetRoot.of(tmp_path), generator="sleep:0",
                               device="cpu", decode_preset=None, code_version="t")
     assert record.status == "passed" and record.model_name == "sleep:0"
-    assert commit_records.fn([record], output_root=str(tmp_path), storage_options=None, metadata={"x": 1}) == 0
-    assert find_committed.fn(str(tmp_path), None, plan.spec_id) == {record.sample_id}
+    assert commit_records.fn([record], root=DatasetRoot.of(tmp_path), metadata={"x": 1}) == 0
+    assert find_committed.fn(DatasetRoot.of(tmp_path), plan.spec_id) == {record.sample_id}
 
 
 # -- the flow ------------------------------------------------------------------------------------------
@@ -197,9 +198,9 @@ def test_flow_resume_after_the_last_commit_still_validates_and_records(prefect_b
     """A run that crashed after committing every case but before its dataset row: the re-run completes it."""
     spec = _spec(tmp_path / "ds", **{"runtime: {batch_size: 1}": 'runtime: {batch_size: 1, generator: "sleep:0"}'})
     root = str(tmp_path / "ds")
-    records = [generate_case.fn(c, output_root=root, storage_options=None, generator="sleep:0", device="cpu",
+    records = [generate_case.fn(c, root=DatasetRoot.of(root), generator="sleep:0", device="cpu",
                                 decode_preset=None, code_version="t") for c in plan_dataset(spec).cases]
-    commit_records.fn(records, output_root=root, storage_options=None, metadata={})
+    commit_records.fn(records, root=DatasetRoot.of(root), metadata={})
     summary = run_generate(spec)
     assert (summary["generated"], summary["skipped"], summary["n_passed"]) == (0, 2, 2)
     assert len(validate_calls) == 1 and summary["metrics"]["metric_n_generated"] == 2

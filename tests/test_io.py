@@ -21,6 +21,7 @@ from maisi_core.errors import (
     VolumeFileError,
     VolumeNotFoundError,
 )
+from maisi_core.preview import preview_center_vox, radiological_slices, save_preview_png
 from tests._volumes import make_phantom
 
 AFFINE = np.array(
@@ -166,10 +167,10 @@ def test_load_missing_file_raises_not_found(tmp_path):
 
 def test_save_preview_png_writes_a_png(case):
     buf = io.BytesIO()
-    mio.save_preview_png(case[0], case[1], buf)
+    save_preview_png(case[0], case[1], buf)
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(LabelMapError, match=r"save_preview_png expects a label map of the image shape"):
-        mio.save_preview_png(case[0], case[1][:2], io.BytesIO())
+        save_preview_png(case[0], case[1][:2], io.BytesIO())
 
 
 def test_radiological_slices_put_the_patients_right_on_the_viewers_left():
@@ -177,23 +178,23 @@ def test_radiological_slices_put_the_patients_right_on_the_viewers_left():
     vol[8, 4, 3] = 1  # patient's right (high x), centre in y and z
     vol[5, 7, 3] = 2  # anterior (high y)
     vol[5, 4, 5] = 3  # superior (high z)
-    axial = mio.radiological_slices(vol, (5, 4, 3))["axial"]
+    axial = radiological_slices(vol, (5, 4, 3))["axial"]
     assert axial.shape == (8, 10)  # rows: y (bottom to top), columns: x shown right to left
     assert np.argwhere(axial == 1).tolist() == [[4, 1]]  # near the viewer's left edge
     assert np.argwhere(axial == 2).tolist() == [[7, 4]]  # anterior at the top
-    coronal = mio.radiological_slices(vol, (5, 4, 3))["coronal"]
+    coronal = radiological_slices(vol, (5, 4, 3))["coronal"]
     assert np.argwhere(coronal == 1).tolist() == [[3, 1]] and np.argwhere(coronal == 3).tolist() == [[5, 4]]
-    sagittal = mio.radiological_slices(vol, (5, 4, 3))["sagittal"]
+    sagittal = radiological_slices(vol, (5, 4, 3))["sagittal"]
     assert np.argwhere(sagittal == 2).tolist() == [[3, 0]]  # anterior on the viewer's left
 
 
 def test_preview_center_goes_through_a_tumour():
     lab = np.full((16, 16, 16), 200, np.uint8)
     lab[10:13, 2:5, 11:14] = 23
-    assert mio.preview_center_vox(lab, lab.shape) == (11, 3, 12)
-    assert mio.preview_center_vox(np.full((16, 16, 16), 200, np.uint8), lab.shape) == (8, 8, 8)
+    assert preview_center_vox(lab, lab.shape) == (11, 3, 12)
+    assert preview_center_vox(np.full((16, 16, 16), 200, np.uint8), lab.shape) == (8, 8, 8)
     with pytest.raises(ImageError, match=r"save_preview_png expects center_vox inside the volume"):
-        mio.save_preview_png(lab.astype(np.float32), lab, io.BytesIO(), center_vox=(16, 0, 0))
+        save_preview_png(lab.astype(np.float32), lab, io.BytesIO(), center_vox=(16, 0, 0))
 
 
 def _nrrd_bytes(array: np.ndarray, *, encoding: str) -> bytes:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.store import open_catalog
 

@@ -7,6 +7,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from catalog.root import DatasetRoot
 from flows.case import GeneratedVolume, run_case
 from flows.plan import CaseRequest, plan_dataset
 from flows.spec import parse_spec
@@ -53,7 +54,7 @@ def _world_x(label_map: np.ndarray, affine: np.ndarray, ids) -> float:
 def test_run_case_writes_image_and_label_with_the_masks_handedness(tmp_path):
     request = plan_dataset(parse_spec(SPEC.format(root=tmp_path))).cases[0]
     generator = IntensityGenerator()
-    record = run_case(request, generator, output_root=str(tmp_path))
+    record = run_case(request, generator, root=DatasetRoot.of(tmp_path))
     assert record.status == "passed", record.failure_reason
     mask = generator.masks[-1]
     image_nii = nib.load(str(tmp_path / record.image_uri))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from catalog.root import DatasetRoot
 from maisi_core import qc
 from maisi_core.errors import QCConfigError
 from maisi_core.geometry import affine_from_spacing
@@ -208,7 +209,7 @@ def test_flow_qc_options_pass_the_requested_range_for_placed_tumours(tmp_path):
 def test_flow_records_tumour_contrast_diameter_and_agreement(tmp_path):
     from flows.case import run_case
 
-    record = run_case(_request(tmp_path), _IntensityGenerator(), output_root=str(tmp_path))
+    record = run_case(_request(tmp_path), _IntensityGenerator(), root=DatasetRoot.of(tmp_path))
     assert record.status == "passed", record.failure_reason
     assert record.tumor_contrast_hu > 300 and 8.0 < record.tumor_diameter_mm < 40.0
     assert record.label_agreement["lung"] > 0.9
@@ -220,10 +221,10 @@ def test_flow_records_tumour_contrast_diameter_and_agreement(tmp_path):
 def test_flow_retries_and_fails_an_invisible_tumour(tmp_path):
     from flows.case import run_case
 
-    record = run_case(_request(tmp_path), _IntensityGenerator(tumor_hu=-830.0), output_root=str(tmp_path))
+    record = run_case(_request(tmp_path), _IntensityGenerator(tumor_hu=-830.0), root=DatasetRoot.of(tmp_path))
     assert (record.status, record.attempt) == ("failed", 1)
     assert record.failure_reason.count("tumor_contrast: lung tumor median -830 HU vs host ") == 2
     assert any(m.startswith("tumor_contrast: lung tumor") for m in record.qc_failures)
     switched_off = run_case(_request(tmp_path, ", tumor_check: false"), _IntensityGenerator(tumor_hu=-830.0),
-                            output_root=str(tmp_path / "off"))
+                            root=DatasetRoot.of(tmp_path / "off"))
     assert switched_off.status == "passed", switched_off.failure_reason

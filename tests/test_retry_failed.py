@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from flows.case import SleepGenerator, run_case
 from flows.plan import attempt_seed, plan_dataset
@@ -45,11 +46,11 @@ def test_a_failure_retried_on_later_seeds_replaces_its_row_and_keeps_history(tmp
         return make_case_mask(req, seed)
 
     cat = open_catalog(tmp_path)
-    failed = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), make_mask_fn=mask_fn)
+    failed = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), make_mask_fn=mask_fn)
     assert (failed.status, failed.attempt) == ("failed", 1)
     first = cat.append_samples([failed])
     again = run_case(request.model_copy(update={"first_attempt": failed.attempt + 1}), SleepGenerator(0.0),
-                     output_root=str(tmp_path), make_mask_fn=mask_fn)
+                     root=DatasetRoot.of(tmp_path), make_mask_fn=mask_fn)
     assert (again.status, again.attempt, again.seed) == ("passed", 2, attempt_seed(request.seed, 2))
     with pytest.raises(Exception, match="different"):  # a plain append refuses to change a committed row
         cat.append_samples([again])

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from catalog.root import DatasetRoot
 from maisi_core import MaisiPipeline, labels, presets
 from maisi_core.config import DDPMSchedulerConfig
 from maisi_core.decoding import DECODE_PRESETS, decode_latents
@@ -226,7 +227,7 @@ def test_sample_rows_record_the_precision_used(tmp_path):
         "    spacing_mm: [8, 8, 8]\n    num_inference_steps: 2\n    qc: {organ_hu_check: false}\n"
     )
     record = run_case(plan_dataset(spec).cases[0], get_generator("maisi", "preset:tiny", "cpu", precision="bf16"),
-                      output_root=str(tmp_path))
+                      root=DatasetRoot.of(tmp_path))
     assert record.precision == "bf16" and record.to_row()["precision"] == "bf16"
 
 

@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from catalog.root import DatasetRoot
 from flows.storage import publish_volume, sha256_of
 from maisi_core import io
 from maisi_core.geometry import affine_from_spacing
@@ -15,12 +16,12 @@ def test_publish_volume_writes_keeps_identical_and_replaces_different(tmp_path):
     uri = str(tmp_path / "case_image.nii.gz")
     affine = affine_from_spacing((4.0, 4.0, 4.0))
     image = np.full((8, 8, 8), 40, np.int16)
-    first, action = publish_volume(io.save_image, uri, image, affine, storage_options=None)
+    first, action = publish_volume(io.save_image, uri, image, affine, root=DatasetRoot.of(tmp_path))
     assert action == "written"
     assert sha256_of(uri, {}) == first.sha256 == hashlib.sha256((tmp_path / "case_image.nii.gz").read_bytes()).hexdigest()
-    again, action = publish_volume(io.save_image, uri, image, affine, storage_options=None)
+    again, action = publish_volume(io.save_image, uri, image, affine, root=DatasetRoot.of(tmp_path))
     assert (action, again.sha256) == ("kept", first.sha256)
-    other, action = publish_volume(io.save_image, uri, image + 10, affine, storage_options=None)
+    other, action = publish_volume(io.save_image, uri, image + 10, affine, root=DatasetRoot.of(tmp_path))
     assert action == "replaced" and other.sha256 != first.sha256
     assert sha256_of(uri, {}) == other.sha256
     np.testing.assert_array_equal(io.load_image(uri).array, image + 10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from catalog.root import DatasetRoot
 from flows.runtime import MAX_AUTO_THREADS, resolved_threads
 from flows.spec import Runtime
 
@@ -49,8 +50,8 @@ cohorts:
     qc: {{organ_hu_check: false}}
 """)
     request = plan_dataset(spec).cases[0]
-    first = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), cpu_threads=1)
-    again = run_case(request, SleepGenerator(0.0), output_root=str(tmp_path), cpu_threads=4)
+    first = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), cpu_threads=1)
+    again = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), cpu_threads=4)
     assert (first.cpu_threads, again.cpu_threads) == (1, 4)
     cat = open_catalog(tmp_path)
     version = cat.append_samples([first])

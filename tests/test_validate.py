@@ -14,7 +14,7 @@ from flows.validate import compute_dataset_metrics, load_generated, validate_dat
 from maisi_core import io as mio
 from maisi_core.intensity import synthesize_ct
 from maisi_core.phantom import PhantomConfig, generate_phantom
-from tests.test_catalog_support import make_record
+from tests._catalog_cases import make_record
 
 SPACING = (10.0, 10.0, 10.0)
 

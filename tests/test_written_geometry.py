@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import maisi_core.io as mio
+from catalog.root import DatasetRoot
 from flows.case import SleepGenerator, run_case
 from flows.plan import plan_dataset
 from flows.spec import parse_spec
@@ -34,7 +35,7 @@ cohorts:
 
 
 def test_a_clean_case_passes_and_its_files_declare_the_planned_geometry(tmp_path):
-    record = run_case(_request(tmp_path), SleepGenerator(0.0), output_root=str(tmp_path))
+    record = run_case(_request(tmp_path), SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert record.status == "passed", record.failure_reason
     shape, affine = mio.check_nifti_header(tmp_path / record.label_uri)
     assert shape == (32, 32, 32) and np.allclose(np.linalg.norm(affine[:3, :3], axis=0), 8.0)
@@ -53,7 +54,7 @@ def test_a_label_written_with_a_wrong_affine_fails_and_nothing_is_published(tmp_
         return real(uri, array, bad, **kw)
 
     monkeypatch.setattr(mio, "save_label", broken_save_label)
-    record = run_case(_request(tmp_path), SleepGenerator(0.0), output_root=str(tmp_path))
+    record = run_case(_request(tmp_path), SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert record.status == "failed"
     expected = "written label: affine differs" if damage == "shift" else "written label: voxel size"
     assert any(expected in f for f in record.qc_failures), record.qc_failures

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from deltalake import write_deltalake
-from test_catalog_support import make_failed_record, write_case
+from _catalog_cases import make_failed_record, write_case
 
 from catalog.schema import SAMPLES_SCHEMA, rows_to_table
 from catalog.store import open_catalog
