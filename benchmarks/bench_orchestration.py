@@ -1,10 +1,10 @@
 """Orchestration overhead of the generate-dataset flow against a plain sequential loop.
 
-Both sides run the same cases through the same library code (``flows.case.run_case``: phantom mask,
+Both sides run the same cases through the same library code (``factory.case.run_case``: phantom mask,
 stub generation, QC, NIfTI writes), commit the same catalog batches and finish with the same dataset
 tail (the bodies of the flow's ``validate-dataset``, ``record-dataset`` and ``publish-card`` tasks:
 dataset metrics over up to 64 cases, the dataset row, the HTML card). The generator is the
-``sleep:SECONDS`` stub of ``flows.case`` (the documented generator seam, ``runtime.generator``), so
+``sleep:SECONDS`` stub of ``factory.case`` (the documented generator seam, ``runtime.generator``), so
 the difference is what Prefect adds: task runs, state events to the (ephemeral) API server, futures
 and the flow's own start and end.
 
@@ -51,26 +51,26 @@ runtime: {{batch_size: {batch}, max_workers: 1, generator: "sleep:{sleep}"}}
 def baseline_loop(spec, root: str, sleep: float, batch: int) -> tuple[float, float]:
     """The same cases, commits and dataset tail as plain function calls; return (cases + commits, tail) seconds."""
     from catalog.root import DatasetRoot
-    from flows.case import SleepGenerator, run_case
-    from flows.generate import publish_card, record_dataset, validate_dataset
-    from flows.plan import plan_dataset
+    from factory import dataset
+    from factory.case import SleepGenerator, run_case
+    from factory.plan import plan_dataset
 
     t0 = time.perf_counter()
     plan = plan_dataset(spec)
     where = DatasetRoot.of(root)
-    gen, cat, pending = SleepGenerator(sleep), where.catalog(), []
+    gen, pending = SleepGenerator(sleep), []
     for case in plan.cases:
         pending.append(run_case(case, gen, root=where, code_version="bench"))
         if len(pending) >= batch:
-            cat.append_samples(pending)
+            dataset.commit(where, pending, metadata={})
             pending = []
     if pending:
-        cat.append_samples(pending)
+        dataset.commit(where, pending, metadata={})
     t1 = time.perf_counter()
-    metrics = validate_dataset.fn(spec, plan.spec_id, root=where)
-    record_dataset.fn(spec, plan.spec_id, root=where, metrics=metrics, timings={}, code_version="bench",
-                      new_rows=len(plan.cases))
-    publish_card.fn(where)
+    metrics = dataset.dataset_metrics(spec, plan.spec_id, where)
+    dataset.record_dataset(spec, plan.spec_id, where, metrics=metrics, timings={}, code_version="bench",
+                           new_rows=len(plan.cases))
+    dataset.write_card(where)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from flows.generate import run_generate
-    from flows.spec import parse_spec
+    from factory.spec import parse_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))

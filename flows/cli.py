@@ -25,7 +25,7 @@ EXIT_BAD_INPUT = 2
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
     """Turn repeated ``--storage-option KEY=VALUE`` arguments into a dict (shared by every command)."""
-    from flows.errors import SpecError
+    from factory.errors import SpecError
 
     options = {}
     for pair in pairs or []:
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from flows.errors import FlowsError
+    from factory.errors import FactoryError
     from maisi_core.errors import MaisiError
 
-    bad_input: tuple[type[BaseException], ...] = (MaisiError, FlowsError)
+    bad_input: tuple[type[BaseException], ...] = (MaisiError, FactoryError)
     try:
         from catalog.errors import CatalogError
 

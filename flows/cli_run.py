@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from flows.cli import parse_storage_options
-from flows.errors import FlowsError
+from factory.errors import FactoryError
 
 EXIT_OK = 0
 EXIT_FAILED_CASES = 1
@@ -60,13 +60,13 @@ def _public_options(args: argparse.Namespace, *, command: str) -> dict[str, str]
 
 def run_check_spec(args: argparse.Namespace) -> int:
     """Validate a spec (every problem at once), then print the expanded plan."""
-    from flows.models import preset_name
-    from flows.plan import format_plan, plan_dataset
-    from flows.spec import load_spec
+    from factory.models import preset_name
+    from factory.plan import format_plan, plan_dataset
+    from factory.spec import load_spec
 
     from maisi_core.errors import MaisiError
 
-    from flows.preflight import check_mask_sources, check_memory, cuda_driver_visible, machine_memory_bytes
+    from factory.preflight import check_mask_sources, check_memory, cuda_driver_visible, machine_memory_bytes
 
     try:
         spec = load_spec(args.spec)
@@ -75,11 +75,11 @@ def run_check_spec(args: argparse.Namespace) -> int:
         device = spec.runtime.device
         if device == "cpu" or (device == "auto" and not cuda_driver_visible()):
             check_memory(spec, plan, device="cpu", memory_bytes=machine_memory_bytes("cpu"))
-    except (FlowsError, MaisiError) as exc:
+    except (FactoryError, MaisiError) as exc:
         return _bad("check-spec", exc)
     sys.stdout.write(format_plan(spec, plan))
     if preset_name(spec.model.ref) is None and spec.model.preset:
-        from flows.models import _model_dir_available
+        from factory.models import _model_dir_available
 
         if not _model_dir_available(spec.model_location):
             sys.stdout.write(f"note: model directory {spec.model_location} is not on this machine; geometry was checked "
@@ -138,7 +138,7 @@ def _summary_table(summary: dict[str, Any], wall_s: float) -> str:
 def run_run(args: argparse.Namespace) -> int:
     """Run the generate-dataset flow on a spec (ephemeral Prefect unless PREFECT_API_URL is set)."""
     _prefect_env(args.verbose)
-    from flows.spec import load_spec
+    from factory.spec import load_spec
 
     from maisi_core.errors import MaisiError
 
@@ -148,17 +148,17 @@ def run_run(args: argparse.Namespace) -> int:
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
             batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision,
             threads=args.threads)
-        from flows.plan import plan_dataset
-        from flows.preflight import check_machine, preflight
+        from factory.plan import plan_dataset
+        from factory.preflight import check_machine, preflight
 
         plan = plan_dataset(spec)
         preflight(spec, output_root=args.out or spec.output_uri, storage_options=options, load_model=False)
-    except (FlowsError, MaisiError, ValueError) as exc:
+    except (FactoryError, MaisiError, ValueError) as exc:
         return _bad("run", exc)
     boot = _boot_ephemeral_server()  # starts while torch, the model and the flow's modules load
     try:
         check_machine(spec, plan)  # the cases fit this machine's memory; the model loads as the cases use it
-    except (FlowsError, MaisiError, ValueError) as exc:
+    except (FactoryError, MaisiError, ValueError) as exc:
         if boot is not None:
             _abort_boot(boot)
         return _bad("run", exc)
@@ -177,7 +177,7 @@ def run_run(args: argparse.Namespace) -> int:
             summary = run_generate(spec, output_root=args.out, storage_options=options,
                                    retry_failed=args.retry_failed)
     except Exception as exc:  # the cause is the last line, after whatever Prefect logged
-        from flows.errors import CasesCrashedError
+        from factory.errors import CasesCrashedError
 
         progress.close()
         _drain_prefect()
@@ -307,7 +307,7 @@ def _quiet_prefect_console() -> None:
 
 def _cause(exc: BaseException) -> str:
     """One line: the exception's own message (a house-style sentence), or its type and text."""
-    from flows.errors import FlowsError as _Flows
+    from factory.errors import FactoryError as _Flows
     from maisi_core.errors import MaisiError as _Maisi
 
     text = " ".join(str(exc).split())
@@ -323,7 +323,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         load_spec_folder(args.folder)
-    except FlowsError as exc:
+    except FactoryError as exc:
         return _bad("serve", exc)
     serve_specs(args.folder, limit=args.limit)
     return EXIT_OK
@@ -333,7 +333,7 @@ def run_submit(args: argparse.Namespace) -> int:
     """Start a run of a served deployment with a spec; print the flow-run ID."""
     _prefect_env(args.verbose)
     from flows.errors import DeploymentError
-    from flows.spec import load_spec
+    from factory.spec import load_spec
 
     try:
         options = _public_options(args, command="submit")
@@ -342,7 +342,7 @@ def run_submit(args: argparse.Namespace) -> int:
             raise DeploymentError("submit expects PREFECT_API_URL to point at the Prefect server that "
                                   "'ctfactory serve' reports to, but got PREFECT_API_URL unset. "
                                   "Example: export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    except FlowsError as exc:
+    except FactoryError as exc:
         return _bad("submit", exc)
     from flows.serve import submit_spec
 

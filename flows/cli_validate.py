@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _validate(args: argparse.Namespace) -> int:
     from catalog.store import open_catalog
     from flows.cli import parse_storage_options
-    from flows.validate import compute_dataset_metrics, load_generated, record_validation
+    from factory.validate import compute_dataset_metrics, load_generated, record_validation
 
     cat = open_catalog(args.root, parse_storage_options(args.storage_option) or None)
     generated = load_generated(cat, as_of=args.as_of, max_cases=args.max_cases)

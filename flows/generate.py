@@ -1,6 +1,7 @@
 """The ``generate-dataset`` flow: plan → skip committed → fan out cases → commit in batches → dataset row.
 
-The flow body reads like the architecture picture; each task is one library call. Cases go to the
+The flow body reads like the architecture picture; each task is one call into the application layer
+(:mod:`factory.case`, :mod:`factory.dataset`) with a :class:`catalog.root.DatasetRoot`. Cases go to the
 task runner chosen by :func:`flows.runtime.build_task_runner` (threads, or Dask workers); a case task
 gets a :class:`CaseRequest` and returns a :class:`SampleRecord`, never arrays. Records are committed to
 the catalog every ``runtime.batch_size`` results, so a crash loses at most the batch in flight; a
@@ -9,11 +10,8 @@ re-run that commits nothing reuses the metrics of the dataset row already record
 version instead of validating again. The dataset row's ``timings_s`` say where the flow's time went
 (``plan``, ``generate``: fan-out and commits, ``validate``: dataset metrics, ``wall``: their sum).
 
-Seams for other packages, used only when present:
-
-* ``flows.validate.validate_dataset(catalog, *, spec, spec_id) -> Mapping[str, float]``: dataset
-  metrics (stored in the dataset row's ``metrics``).
-* ``catalog.report.build_report_html(catalog)``: the dataset card, written to ``ROOT/dataset_card.html``.
+The flow's parameters hold only public storage options; each task adds this process's credentials
+(:mod:`flows.secrets`) to the root it is given.
 """
 
 from __future__ import annotations
@@ -29,21 +27,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from catalog.schema import SampleRecord
 from catalog.root import DatasetRoot
-from catalog.store import Catalog
-from flows.case import get_generator, run_case
-from flows.errors import CaseInputError, CasesCrashedError
-from flows.plan import CaseRequest, plan_dataset
-from flows.preflight import preflight
-from flows.runtime import (
-    build_task_runner,
-    current_code_version,
-    flow_run_settings,
-    notify,
-    resolved_threads,
-    set_cpu_threads,
-)
+from factory import dataset
+from factory.case import get_generator, run_case
+from factory.errors import CaseInputError, CasesCrashedError
+from factory.plan import CaseRequest, plan_dataset
+from factory.preflight import preflight
+from factory.machine import current_code_version, resolved_threads, set_cpu_threads
+from flows.runtime import build_task_runner, flow_run_settings, notify
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
-from flows.spec import DatasetSpec, canonical_json, validate_spec
+from factory.spec import DatasetSpec, validate_spec
 
 
 
@@ -72,28 +64,8 @@ def generate_case(request: CaseRequest, *, root: DatasetRoot, generator: str, de
 
 @task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
 def find_committed(root: DatasetRoot, spec_id: str) -> set[str]:
-    """Return the sample_ids of ``spec_id`` that are done: committed (passed or failed), files in place.
-
-    A passed row whose image or label file is gone (deleted by hand, lost with a disk) is not done: the
-    run regenerates the case from its seed, which writes the same bytes, and the identical record is a
-    no-op for the catalog.
-    """
-    import pyarrow.compute as pc
-
-    root = _with_credentials(root)
-    cat = root.catalog()
-    if not cat.exists("samples"):
-        return set()
-    rows = cat.read_table("samples", columns=["sample_id", "status", "image_uri", "label_uri"],
-                          filter=pc.field("spec_id") == spec_id).to_pylist()
-    done = {r["sample_id"] for r in rows}
-    passed = [r for r in rows if r["status"] == "passed"]
-    missing = _missing_files(root, [r[k] for r in passed for k in ("image_uri", "label_uri")])
-    for row in passed:
-        if row["image_uri"] in missing or row["label_uri"] in missing:
-            _logger().warning("case %s is committed but its files are missing; regenerating it", row["sample_id"])
-            done.discard(row["sample_id"])
-    return done
+    """:func:`factory.dataset.committed_ids` as a task (missing files logged to the run)."""
+    return dataset.committed_ids(_with_credentials(root), spec_id, log=_logger())
 
 
 def _logger() -> Any:
@@ -108,122 +80,47 @@ def _logger() -> Any:
         return logging.getLogger(__name__)
 
 
-def _missing_files(root: DatasetRoot, uris: list[str]) -> set[str]:
-    """The URIs of ``uris`` that do not exist; one listing per folder, not one request per file."""
-    listed: dict[str, set[str]] = {}
-    missing = set()
-    for uri in uris:
-        fs, path = root.filesystem(uri)
-        folder = path.rsplit("/", 1)[0]
-        if folder not in listed:
-            try:
-                listed[folder] = {p.rstrip("/") for p in fs.ls(folder, detail=False)}
-            except (FileNotFoundError, NotADirectoryError):
-                listed[folder] = set()
-        if path not in listed[folder]:
-            missing.add(uri)
-    return missing
-
-
 @task(name="find-recorded-metrics", cache_policy=NO_CACHE, persist_result=False)
 def find_recorded_metrics(spec_id: str, *, root: DatasetRoot) -> dict[str, float] | None:
-    """Return the metrics of the dataset row already recorded for the catalog as it is now, else None."""
-    cat = _with_credentials(root).catalog()
-    row = _recorded_dataset_row(cat, spec_id)
-    return None if row is None else {str(k): float(v) for k, v in (row["metrics"] or [])}
-
-
-def _recorded_dataset_row(cat: Catalog, spec_id: str) -> dict[str, Any] | None:
-    """The newest ``datasets`` row of ``spec_id`` at the current ``samples`` version, or None."""
-    import pyarrow.compute as pc
-
-    if not cat.exists("datasets"):
-        return None
-    rows = cat.read_table("datasets", filter=(pc.field("spec_id") == spec_id)
-                          & (pc.field("samples_version") == cat.version)).to_pylist()
-    return max(rows, key=lambda r: r["created_at"]) if rows else None
+    """:func:`factory.dataset.recorded_metrics` as a task."""
+    return dataset.recorded_metrics(_with_credentials(root), spec_id)
 
 
 @task(name="commit-records", cache_policy=NO_CACHE, persist_result=False)
 def commit_records(records: list[SampleRecord], *, root: DatasetRoot, metadata: Mapping[str, Any],
                    retried: frozenset[str] = frozenset()) -> int:
-    """Commit one batch of records; return the version.
-
-    New cases are appended; cases in ``retried`` (recorded failures generated again by ``--retry-failed``)
-    replace their failed rows in one atomic commit (the failed rows stay in earlier versions).
-    """
-    cat = _with_credentials(root).catalog()
-    again = [r for r in records if r.sample_id in retried]
-    fresh = [r for r in records if r.sample_id not in retried]
-    version = -1
-    if fresh:
-        version = cat.append_samples(fresh, commit_metadata=metadata)
-    if again:
-        version = cat.replace_failed_samples(again, commit_metadata={**metadata, "ctfactory.retry_failed": "true"})
-    return version
+    """:func:`factory.dataset.commit` as a task: one batch of records, appended or replacing failures."""
+    return dataset.commit(_with_credentials(root), records, metadata=metadata, retried=retried)
 
 
 @task(name="find-failed", cache_policy=NO_CACHE, persist_result=False)
 def find_failed(root: DatasetRoot, spec_id: str) -> dict[str, int]:
-    """Return ``{sample_id: last attempt}`` of the recorded failures of ``spec_id``."""
-    import pyarrow.compute as pc
-
-    cat = _with_credentials(root).catalog()
-    if not cat.exists("samples"):
-        return {}
-    rows = cat.read_table("samples", columns=["sample_id", "attempt"],
-                          filter=(pc.field("spec_id") == spec_id) & (pc.field("status") == "failed")).to_pylist()
-    return {r["sample_id"]: int(r["attempt"] or 0) for r in rows}
+    """:func:`factory.dataset.failed_attempts` as a task."""
+    return dataset.failed_attempts(_with_credentials(root), spec_id)
 
 
 @task(name="record-dataset", cache_policy=NO_CACHE, persist_result=False)
-def record_dataset(spec: DatasetSpec, spec_id: str, *, root: DatasetRoot, metrics: Mapping[str, float], timings: Mapping[str, float], code_version: str,
-                   new_rows: int) -> dict[str, Any]:
-    """Append the dataset row (counts, timings, model, code version); skip it when nothing changed.
+def record_dataset(spec: DatasetSpec, spec_id: str, *, root: DatasetRoot, metrics: Mapping[str, float],
+                   timings: Mapping[str, float], code_version: str, new_rows: int) -> dict[str, Any]:
+    """:func:`factory.dataset.record_dataset` as a task.
 
     Takes the ``spec_id``, not the plan: Prefect walks every task argument looking for futures, which
     costs 0.5-1 ms per planned case for a plan (0.1-0.2 s for 200 cases on 2 busy cores).
     """
-    import pyarrow.compute as pc
-
-    from flows.models import model_name, pipeline_config
-
-    cat = _with_credentials(root).catalog()
-    rows = cat.read_table("samples", filter=pc.field("spec_id") == spec_id,
-                          columns=["sample_id", "status", "cohort", "model_digest"]).to_pylist()
-    summary = {
-        "dataset": spec.name, "dataset_version": spec.version, "spec": canonical_json(spec), "spec_id": spec_id,
-        "samples_version": cat.version, "n_samples": len(rows),
-        "n_passed": sum(r["status"] == "passed" for r in rows), "n_failed": sum(r["status"] == "failed" for r in rows),
-        "cohort_counts": {c.name: sum(r["cohort"] == c.name for r in rows) for c in spec.cohorts},
-        "metrics": dict(metrics), **dict(metrics), "timings_s": dict(timings), "code_version": code_version,
-        "model_name": model_name(spec.model.ref),
-        "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
-        "licence": pipeline_config(spec.model_location, preset=spec.model.preset).licence,
-    }
-    if new_rows == 0 and _recorded_dataset_row(cat, spec_id) is not None:
-        return {**summary, "datasets_version": None}
-    version = cat.append_dataset(summary, commit_metadata={"spec_id": spec_id, "code_version": code_version})
-    return {**summary, "datasets_version": version}
+    return dataset.record_dataset(spec, spec_id, _with_credentials(root), metrics=metrics, timings=timings,
+                                  code_version=code_version, new_rows=new_rows)
 
 
 @task(name="validate-dataset", cache_policy=NO_CACHE, persist_result=False)
 def validate_dataset(spec: DatasetSpec, spec_id: str, *, root: DatasetRoot) -> dict[str, float]:
-    """Dataset metrics from ``flows.validate.validate_dataset``."""
-    from flows import validate
-
-    cat = _with_credentials(root).catalog()
-    return {str(k): float(v) for k, v in validate.validate_dataset(cat, spec=spec, spec_id=spec_id).items()}
+    """:func:`factory.dataset.dataset_metrics` as a task."""
+    return dataset.dataset_metrics(spec, spec_id, _with_credentials(root))
 
 
 @task(name="publish-card", cache_policy=NO_CACHE, persist_result=False)
 def publish_card(root: DatasetRoot) -> str:
-    """Write the HTML dataset card to ``ROOT/dataset_card.html`` (``catalog.report.write_report``)."""
-    from catalog.report import write_report
-
-    root = _with_credentials(root)
-    write_report(root.catalog(), root.card_uri, storage_options=root.storage_options)
-    return root.card_uri
+    """:func:`factory.dataset.write_card` as a task."""
+    return dataset.write_card(_with_credentials(root))
 
 
 def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot, version: str,
@@ -311,7 +208,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     Args:
         spec: the validated spec (a mapping is validated).
         output_root: overrides ``spec.output_root`` (local path or fsspec URI).
-        storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`flows.storage`).
+        storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`factory.storage`).
         code_version: code version recorded on every row (computed here when None).
         gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
         retry_failed: generate the recorded failures again, on the attempt seeds after their last one, and

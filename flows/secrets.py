@@ -24,7 +24,7 @@ import re
 import threading
 from collections.abc import Mapping
 
-from flows.errors import FlowsError
+from factory.errors import FactoryError
 
 SECRET_BLOCK_OPTION = "CTFACTORY_SECRET_BLOCK"
 # The credential keys read from the environment (deltalake's and s3fs's own names for them).
@@ -39,7 +39,7 @@ _redact_values: set[str] = set()
 _factory_installed = False
 
 
-class SecretParameterError(FlowsError, ValueError):
+class SecretParameterError(FactoryError, ValueError):
     """Raised when a secret storage option would become a flow parameter."""
 
 
@@ -106,14 +106,14 @@ def load_secret_block(name: str) -> dict[str, str]:
     """Load a Prefect ``Secret`` block holding a JSON object of storage options.
 
     Raises:
-        FlowsError: no such block, or its value is not a JSON object of strings.
+        FactoryError: no such block, or its value is not a JSON object of strings.
     """
     from prefect.blocks.system import Secret
 
     try:
         value = Secret.load(name).get()
     except ValueError as exc:
-        raise FlowsError(f"resolve_storage_options expects a Prefect Secret block named {name!r}, but got none "
+        raise FactoryError(f"resolve_storage_options expects a Prefect Secret block named {name!r}, but got none "
                          f"({' '.join(str(exc).split())[:160]}). Create it with prefect.blocks.system.Secret"
                          f"(value={{...}}).save({name!r}).") from None
     if isinstance(value, str):
@@ -122,7 +122,7 @@ def load_secret_block(name: str) -> dict[str, str]:
         except json.JSONDecodeError:
             value = None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise FlowsError(f"resolve_storage_options expects Secret block {name!r} to hold a JSON object of "
+        raise FactoryError(f"resolve_storage_options expects Secret block {name!r} to hold a JSON object of "
                          f"KEY: VALUE strings, but got a value of type {type(value).__name__}. "
                          "Example: {\"AWS_SECRET_ACCESS_KEY\": \"...\"}.")
     redact_values(value.values())

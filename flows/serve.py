@@ -14,8 +14,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.errors import SpecError
-from flows.spec import DatasetSpec, load_spec, validate_spec
+from factory.errors import SpecError
+from factory.spec import DatasetSpec, load_spec, validate_spec
 
 FLOW_NAME = "run-spec"
 ADHOC = "adhoc"

@@ -10,10 +10,10 @@ import torch
 from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
-from flows.case import SleepGenerator, get_generator, run_case
+from factory.case import SleepGenerator, get_generator, run_case
 from flows.generate import commit_records, find_committed, generate_case, run_generate
-from flows.plan import plan_dataset
-from flows.spec import parse_spec
+from factory.plan import plan_dataset
+from factory.spec import parse_spec
 
 torch.set_num_threads(1)
 
@@ -109,7 +109,7 @@ def test_run_case_mask_failure_retries_then_fails(tmp_path):
 
 
 def test_get_generator_rejects_unknown():
-    from flows.errors import ModelRefError
+    from factory.errors import ModelRefError
 
     with pytest.raises(ModelRefError, match=r"^runtime\.generator expects one of \['maisi', 'sleep:SECONDS'\], "
                                             r"but got generator='sleep:x'\. The stub takes seconds as a non-negative number"):
@@ -154,8 +154,8 @@ def test_flow_generates_commits_and_reruns_without_duplicates(prefect_backend, t
 
 @pytest.fixture
 def validate_calls(monkeypatch):
-    """Count the flow's calls of ``flows.validate.validate_dataset`` (the dataset metrics, about 10 s at 64 cases)."""
-    from flows import validate
+    """Count the flow's calls of ``factory.validate.validate_dataset`` (the dataset metrics, about 10 s at 64 cases)."""
+    from factory import validate
 
     calls: list[str | None] = []
     real = validate.validate_dataset

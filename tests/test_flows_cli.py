@@ -20,8 +20,8 @@ import pytest
 
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
-from flows.plan import plan_dataset
-from flows.spec import load_spec
+from factory.plan import plan_dataset
+from factory.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,10 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-import flows.case
-from flows.case import SleepGenerator, check_generator_name, get_generator
-from flows.errors import ModelRefError, SpecError
-from flows.spec import parse_spec
+import factory.case
+from factory.case import SleepGenerator, check_generator_name, get_generator
+from factory.errors import ModelRefError, SpecError
+from factory.spec import parse_spec
 
 SPEC = """\
 name: reg
@@ -46,7 +46,7 @@ def test_a_spec_naming_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     assert called == [] and victim.is_dir()
 
 
-@pytest.mark.parametrize("name", ["os:system", "flows.case:SleepGenerator", "sleep:", "sleep:-1", "sleep:1e9x",
+@pytest.mark.parametrize("name", ["os:system", "factory.case:SleepGenerator", "sleep:", "sleep:-1", "sleep:1e9x",
                                   "maisi ", ""])
 def test_generator_names_outside_the_registry_are_refused(name):
     with pytest.raises(ModelRefError, match=r"^runtime\.generator expects one of"):
@@ -61,7 +61,7 @@ def test_builtin_names_pass():
 
 def test_a_registered_entry_point_generator_is_allowed(monkeypatch):
     ep = EntryPoint(name="stub", value="test_generator_registry:make_test_generator", group="ctfactory.generators")
-    monkeypatch.setattr(flows.case, "registered_generators", lambda: {"stub": ep})
+    monkeypatch.setattr(factory.case, "registered_generators", lambda: {"stub": ep})
     assert parse_spec(SPEC.format(root="/tmp/x", generator="stub")).runtime.generator == "stub"
     gen = get_generator("stub", "preset:tiny")
     assert isinstance(gen, SleepGenerator)

@@ -1,4 +1,4 @@
-"""The pure libraries must not import Prefect, read argv/env, or print."""
+"""The pure libraries must not import Prefect, read argv/env, or print; the application layer imports no Prefect."""
 
 from __future__ import annotations
 
@@ -14,6 +14,24 @@ PURE_PACKAGES = ("maisi_core", "catalog")
 def _python_files():
     for pkg in PURE_PACKAGES:
         yield from sorted((ROOT / pkg).rglob("*.py"))
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "factory").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_application_layer_imports_neither_prefect_nor_the_flows(path: Path):
+    """Issue 13: ``factory`` is plain; ``flows`` wires it into Prefect, never the other way round."""
+    for name in _imports(path):
+        assert not name.split(".")[0].startswith("prefect"), f"{path}: imports {name}"
+        assert name.split(".")[0] != "flows", f"{path}: imports {name}"
 
 
 @pytest.mark.parametrize("path", list(_python_files()), ids=lambda p: str(p.relative_to(ROOT)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flows.errors import SpecError
-from flows.plan import CPU_BYTES_PER_VOXEL, plan_dataset
-from flows.preflight import check_memory
-from flows.spec import parse_spec
+from factory.errors import SpecError
+from factory.plan import CPU_BYTES_PER_VOXEL, plan_dataset
+from factory.preflight import check_memory
+from factory.spec import parse_spec
 
 GB = 1024**3
 
@@ -70,7 +70,7 @@ def test_gpu_decode_class_above_the_card_is_refused():
 
 
 def test_check_spec_and_run_refuse_before_any_case(tmp_path, monkeypatch, capsys):
-    import flows.preflight
+    import factory.preflight
     from flows.cli import main
 
     import threading
@@ -82,7 +82,7 @@ def test_check_spec_and_run_refuse_before_any_case(tmp_path, monkeypatch, capsys
                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "uvicorn" in " ".join(p.cmdline())}
 
     before = servers()
-    monkeypatch.setattr(flows.preflight, "machine_memory_bytes", lambda device: 4 * GB)
+    monkeypatch.setattr(factory.preflight, "machine_memory_bytes", lambda device: 4 * GB)
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC.format(model="default", size="[256, 256, 256]", spacing="[2.0, 2.0, 2.0]", workers=1,
                                 small="[64, 64, 64]", small_spacing="[6.0, 6.0, 6.0]")

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 
 from catalog.root import DatasetRoot
-from flows.case import GeneratedVolume, run_case
-from flows.plan import CaseRequest, plan_dataset
-from flows.spec import parse_spec
+from factory.case import GeneratedVolume, run_case
+from factory.plan import CaseRequest, plan_dataset
+from factory.spec import parse_spec
 from maisi_core.intensity import synthesize_ct
 
 SPEC = """\

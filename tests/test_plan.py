@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.errors import OutputPathError, SpecError
-from flows.plan import (
+from factory.errors import OutputPathError, SpecError
+from factory.plan import (
     REGION_DEFAULTS,
     case_paths,
     estimate_gpu_memory_gb,
@@ -14,7 +14,7 @@ from flows.plan import (
     plan_dataset,
     resolve_output_uri,
 )
-from flows.spec import parse_spec, spec_id
+from factory.spec import parse_spec, spec_id
 
 SPEC = """\
 name: demo

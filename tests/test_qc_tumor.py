@@ -178,7 +178,7 @@ class _IntensityGenerator:
         self.tumor_hu = tumor_hu
 
     def generate(self, request, mask, *, seed):
-        from flows.case import GeneratedVolume
+        from factory.case import GeneratedVolume
         from maisi_core.intensity import synthesize_ct
 
         image = synthesize_ct(mask.label_map, request.spacing_mm, seed=seed)
@@ -188,8 +188,8 @@ class _IntensityGenerator:
 
 
 def _request(tmp_path, extra=""):
-    from flows.plan import plan_dataset
-    from flows.spec import parse_spec
+    from factory.plan import plan_dataset
+    from factory.spec import parse_spec
 
     return plan_dataset(parse_spec(FLOW_SPEC.format(root=tmp_path, extra=extra))).cases[0]
 
@@ -197,7 +197,7 @@ def _request(tmp_path, extra=""):
 def test_flow_qc_options_pass_the_requested_range_for_placed_tumours(tmp_path):
     from types import SimpleNamespace
 
-    from flows.case import qc_options
+    from factory.case import qc_options
 
     request = _request(tmp_path, ", agreement_check: false")
     placed = qc_options(request, SimpleNamespace(tumors=[SimpleNamespace(label=23)]))
@@ -207,7 +207,7 @@ def test_flow_qc_options_pass_the_requested_range_for_placed_tumours(tmp_path):
 
 
 def test_flow_records_tumour_contrast_diameter_and_agreement(tmp_path):
-    from flows.case import run_case
+    from factory.case import run_case
 
     record = run_case(_request(tmp_path), _IntensityGenerator(), root=DatasetRoot.of(tmp_path))
     assert record.status == "passed", record.failure_reason
@@ -219,7 +219,7 @@ def test_flow_records_tumour_contrast_diameter_and_agreement(tmp_path):
 
 
 def test_flow_retries_and_fails_an_invisible_tumour(tmp_path):
-    from flows.case import run_case
+    from factory.case import run_case
 
     record = run_case(_request(tmp_path), _IntensityGenerator(tumor_hu=-830.0), root=DatasetRoot.of(tmp_path))
     assert (record.status, record.attempt) == ("failed", 1)

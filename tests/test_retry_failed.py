@@ -7,9 +7,9 @@ import pytest
 
 from catalog.root import DatasetRoot
 from catalog.store import open_catalog
-from flows.case import SleepGenerator, run_case
-from flows.plan import attempt_seed, plan_dataset
-from flows.spec import parse_spec
+from factory.case import SleepGenerator, run_case
+from factory.plan import attempt_seed, plan_dataset
+from factory.spec import parse_spec
 
 SPEC = """\
 name: retry
@@ -35,7 +35,7 @@ def _spec(root, qc="{organ_hu_check: false, max_retries: 1}"):
 
 def test_a_failure_retried_on_later_seeds_replaces_its_row_and_keeps_history(tmp_path):
     from maisi_core.errors import MaskSourceError
-    from flows.case import make_case_mask
+    from factory.case import make_case_mask
 
     request = plan_dataset(_spec(tmp_path)).cases[0]
     early = {attempt_seed(request.seed, k) for k in range(2)}

@@ -197,7 +197,7 @@ def test_pipeline_defaults_to_fp16_on_cuda_and_fp32_on_cpu():
 
 
 def test_load_pipeline_caches_per_precision():
-    from flows.models import load_pipeline
+    from factory.models import load_pipeline
 
     fp32 = load_pipeline("preset:tiny", "cpu")
     bf16 = load_pipeline("preset:tiny", "cpu", precision="bf16")
@@ -207,7 +207,7 @@ def test_load_pipeline_caches_per_precision():
 
 def test_runtime_precision_setting_and_cli_option():
     from flows.cli import build_parser
-    from flows.spec import Runtime
+    from factory.spec import Runtime
 
     assert Runtime().precision == "auto" and Runtime(precision="bf16").precision == "bf16"
     with pytest.raises(ValueError, match="precision"):
@@ -217,9 +217,9 @@ def test_runtime_precision_setting_and_cli_option():
 
 
 def test_sample_rows_record_the_precision_used(tmp_path):
-    from flows.case import get_generator, run_case
-    from flows.plan import plan_dataset
-    from flows.spec import parse_spec
+    from factory.case import get_generator, run_case
+    from factory.plan import plan_dataset
+    from factory.spec import parse_spec
 
     spec = parse_spec(
         f"name: p\nversion: '1'\nmodel: preset:tiny\noutput_root: {tmp_path}\nseed: 1\n"

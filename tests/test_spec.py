@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.errors import SpecError
-from flows.plan import attempt_seed, case_seed, make_sample_id
-from flows.spec import json_schema, load_spec, parse_spec, spec_id, validate_spec
+from factory.errors import SpecError
+from factory.plan import attempt_seed, case_seed, make_sample_id
+from factory.spec import json_schema, load_spec, parse_spec, spec_id, validate_spec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -128,7 +128,7 @@ def test_spec_examples_cover_the_four_kinds():
 def test_spec_schema_file_up_to_date():
     stored = json.loads((SPECS / "schema.json").read_text())
     assert stored == json.loads(json.dumps(json_schema())), (
-        "specs/schema.json is stale: run python -c \"from flows.spec import write_json_schema; "
+        "specs/schema.json is stale: run python -c \"from factory.spec import write_json_schema; "
         "write_json_schema('specs/schema.json')\"")
 
 

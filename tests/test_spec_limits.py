@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from flows.errors import SpecError
-from flows.spec import load_spec, parse_spec
-from flows.spec_source import MAX_SPEC_BYTES
+from factory.errors import SpecError
+from factory.spec import load_spec, parse_spec
+from factory.spec_source import MAX_SPEC_BYTES
 
 GOOD = """\
 name: anchors

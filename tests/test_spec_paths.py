@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flows.errors import SpecError
-from flows.plan import plan_dataset
-from flows.preflight import check_mask_sources
-from flows.spec import load_spec, parse_spec, spec_id
+from factory.errors import SpecError
+from factory.plan import plan_dataset
+from factory.preflight import check_mask_sources
+from factory.spec import load_spec, parse_spec, spec_id
 from maisi_core.errors import MaskSourceError
 
 SPEC = """\

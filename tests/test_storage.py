@@ -1,4 +1,4 @@
-"""flows.storage: publishing a volume over an orphan file left by a crashed run."""
+"""factory.storage: publishing a volume over an orphan file left by a crashed run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 from catalog.root import DatasetRoot
-from flows.storage import publish_volume, sha256_of
+from factory.storage import publish_volume, sha256_of
 from maisi_core import io
 from maisi_core.geometry import affine_from_spacing
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from catalog.root import DatasetRoot
-from flows.runtime import MAX_AUTO_THREADS, resolved_threads
-from flows.spec import Runtime
+from factory.machine import MAX_AUTO_THREADS, resolved_threads
+from factory.spec import Runtime
 
 
 @pytest.mark.parametrize("cores, workers, expected", [
@@ -32,9 +32,9 @@ def test_explicit_threads_win():
 
 def test_run_case_records_the_threads_and_a_rerun_with_other_threads_is_the_same_record(tmp_path):
     from catalog.store import open_catalog
-    from flows.case import SleepGenerator, run_case
-    from flows.plan import plan_dataset
-    from flows.spec import parse_spec
+    from factory.case import SleepGenerator, run_case
+    from factory.plan import plan_dataset
+    from factory.spec import parse_spec
 
     spec = parse_spec(f"""\
 name: thr

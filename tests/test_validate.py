@@ -9,8 +9,8 @@ import pytest
 
 from catalog.store import open_catalog
 from flows.cli import main
-from flows.errors import ValidationInputError
-from flows.validate import compute_dataset_metrics, load_generated, validate_dataset
+from factory.errors import ValidationInputError
+from factory.validate import compute_dataset_metrics, load_generated, validate_dataset
 from maisi_core import io as mio
 from maisi_core.intensity import synthesize_ct
 from maisi_core.phantom import PhantomConfig, generate_phantom

@@ -11,9 +11,9 @@ import pytest
 
 import maisi_core.io as mio
 from catalog.root import DatasetRoot
-from flows.case import SleepGenerator, run_case
-from flows.plan import plan_dataset
-from flows.spec import parse_spec
+from factory.case import SleepGenerator, run_case
+from factory.plan import plan_dataset
+from factory.spec import parse_spec
 from maisi_core.qc import check_written_geometry
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.errors import SpecError
-from flows.plan import MAX_PLANNED_CASES, CaseRequest, plan_dataset
-from flows.spec import parse_spec
+from factory.errors import SpecError
+from factory.plan import MAX_PLANNED_CASES, CaseRequest, plan_dataset
+from factory.spec import parse_spec
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 

@@ -12,7 +12,7 @@ from catalog.report import build_report_html
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from flows.generate import run_generate
-from flows.spec import parse_spec
+from factory.spec import parse_spec
 
 SPEC = """\
 name: lost

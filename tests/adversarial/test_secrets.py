@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.errors import FlowsError
+from factory.errors import FactoryError
 from flows.secrets import (
     SecretParameterError,
     redact,
@@ -68,7 +68,7 @@ def test_a_secret_block_reference_is_public_and_resolves_in_memory(prefect_backe
     resolved = resolve_storage_options(public)
     assert resolved == {"AWS_ENDPOINT_URL": "http://s3", "AWS_SECRET_ACCESS_KEY": canary, "AWS_ACCESS_KEY_ID": "id"}
     assert redact(f"x {canary} y") == "x *** y"
-    with pytest.raises(FlowsError, match="expects a Prefect Secret block named 'no-such-block', but got none"):
+    with pytest.raises(FactoryError, match="expects a Prefect Secret block named 'no-such-block', but got none"):
         resolve_storage_options({"CTFACTORY_SECRET_BLOCK": "no-such-block"})
 
 

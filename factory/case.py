@@ -8,7 +8,7 @@ The generator seam
 A :class:`CaseGenerator` turns (request, mask, seed) into a volume. :func:`get_generator` resolves
 the spec's ``runtime.generator``:
 
-* ``maisi`` (default): the spec's model through :func:`flows.models.load_pipeline` (cached per process).
+* ``maisi`` (default): the spec's model through :func:`factory.models.load_pipeline` (cached per process).
 * ``sleep:SECONDS``: :class:`SleepGenerator`, a stub that sleeps and returns a flat 40 HU body; it
   measures orchestration overhead (``benchmarks/bench_orchestration.py``).
 * a name that an installed package registers in the ``ctfactory.generators`` entry-point group
@@ -35,9 +35,9 @@ import numpy as np
 
 from catalog.root import DatasetRoot
 from catalog.schema import SampleRecord
-from flows.errors import CaseInputError
-from flows.plan import CaseRequest, attempt_seed, derive_seed
-from flows.storage import publish_volume, unpublish, written_header
+from factory.errors import CaseInputError
+from factory.plan import CaseRequest, attempt_seed, derive_seed
+from factory.storage import publish_volume, unpublish, written_header
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def check_generator_name(name: str) -> str:
     Raises:
         ModelRefError: anything else, a ``module:function`` path in particular (a spec never names code).
     """
-    from flows.errors import ModelRefError
+    from factory.errors import ModelRefError
     from maisi_core.errors import did_you_mean
 
     registered = registered_generators()
@@ -155,7 +155,7 @@ def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset
     Raises:
         ModelRefError: a name outside the closed registry (:func:`check_generator_name`).
     """
-    from flows.models import load_pipeline, model_name
+    from factory.models import load_pipeline, model_name
 
     check_generator_name(name)
     if name == "maisi":

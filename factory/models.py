@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.errors import ModelRefError
+from factory.errors import ModelRefError
 
 if TYPE_CHECKING:
     from maisi_core.config import GeometryRules, PipelineConfig

@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from flows.errors import SpecError
-from flows.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
+from factory.errors import SpecError
+from factory.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
 from maisi_core.decoding import DECODE_PRESETS
 from maisi_core.labels import TUMOR_TYPES
 
@@ -289,8 +289,8 @@ class Runtime(_Strict):
     @field_validator("generator")
     @classmethod
     def _registered_generator(cls, value: str) -> str:
-        from flows.case import check_generator_name
-        from flows.errors import ModelRefError
+        from factory.case import check_generator_name
+        from factory.errors import ModelRefError
 
         try:
             return check_generator_name(value)
@@ -408,7 +408,7 @@ def load_spec(path: str | Path) -> DatasetSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"load_spec expects an existing YAML file, but got path={str(path)!r}.")
-    from flows.spec_source import MAX_SPEC_BYTES
+    from factory.spec_source import MAX_SPEC_BYTES
 
     if p.stat().st_size > MAX_SPEC_BYTES:
         raise SpecError(f"load_spec expects a spec file of at most {MAX_SPEC_BYTES} bytes, but got "

@@ -2,10 +2,10 @@
 
 What every case would need is checked once: the output root can hold files, the user mask files the
 cases will read have a usable header (a 3D volume of bounded size with a finite, invertible affine),
-and a mask folder exists. The model is checked by loading it (:func:`flows.models.load_pipeline`
+and a mask folder exists. The model is checked by loading it (:func:`factory.models.load_pipeline`
 caches it, so the run's cases reuse it). Problems deeper in a file (a gzip stream truncated halfway)
 only show when the file is read in full; the case that reads it is then recorded as failed with the
-reason (see :func:`flows.case.run_case`).
+reason (see :func:`factory.case.run_case`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from flows.errors import OutputPathError, SpecError
-from flows.plan import DatasetPlan
-from flows.spec import DatasetSpec
+from factory.errors import OutputPathError, SpecError
+from factory.plan import DatasetPlan
+from factory.spec import DatasetSpec
 
 _NIFTI = (".nii", ".nii.gz")
 
@@ -110,8 +110,8 @@ def check_memory(spec: DatasetSpec, plan: DatasetPlan, *, device: str, memory_by
     """Refuse cohorts whose cases, run as many at once as the runtime allows, exceed this machine's memory.
 
     ``device`` is ``cpu`` or ``cuda[:N]`` (resolved); ``memory_bytes`` is the RAM or the GPU's memory.
-    CPU estimates are measured on whole-volume models (``flows.plan.CPU_BYTES_PER_VOXEL``); the GPU
-    estimate is the decode class of the size (see ``flows.plan.estimate_gpu_memory_gb``). A spec run
+    CPU estimates are measured on whole-volume models (``factory.plan.CPU_BYTES_PER_VOXEL``); the GPU
+    estimate is the decode class of the size (see ``factory.plan.estimate_gpu_memory_gb``). A spec run
     on a remote Dask cluster is not checked here: its cases run on the cluster's machines.
 
     Raises:
@@ -165,7 +165,7 @@ def check_model(spec: DatasetSpec) -> None:
     Raises:
         ModelRefError, WeightsError, CheckpointError, ...: the model cannot be loaded.
     """
-    from flows.models import load_pipeline
+    from factory.models import load_pipeline
 
     rt = spec.runtime
     if rt.generator != "maisi":
@@ -175,7 +175,7 @@ def check_model(spec: DatasetSpec) -> None:
 
 def check_machine(spec: DatasetSpec, plan: DatasetPlan, *, load_model: bool = True) -> None:
     """The checks that need this machine: its memory against the plan, then the model, loaded as the run will."""
-    from flows.runtime import resolved_device
+    from factory.machine import resolved_device
 
     device = resolved_device(spec.runtime.device)
     check_memory(spec, plan, device=device, memory_bytes=machine_memory_bytes(device))

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 
 from catalog.schema import METRIC_PREFIXES
 from catalog.store import Catalog
-from flows.errors import ValidationInputError
-from flows.plan import derive_seed
+from factory.errors import ValidationInputError
+from factory.plan import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | Non
                    max_cases: int = 64) -> list[dict[str, Any]]:
     """Return up to ``max_cases`` passing cases as dicts with ``image``, ``label``, ``spacing_mm``, ``sample_id``."""
     from catalog.fs import resolve_uri
-    from flows.storage import fsspec_options
+    from factory.storage import fsspec_options
     from maisi_core.io import load_image, load_label
 
     where = pc.field("status") == "passed"

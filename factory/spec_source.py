@@ -2,7 +2,7 @@
 
 ``yaml.SafeLoader`` only; a subclass composes the node tree so every mapping key and sequence item
 gets its 1-based line number, and duplicate keys (which plain YAML loaders silently merge) become
-issues. Validation errors from pydantic are turned into :class:`flows.errors.SpecIssue` lines that
+issues. Validation errors from pydantic are turned into :class:`factory.errors.SpecIssue` lines that
 name the file, the YAML path and the line.
 
 Loading is bounded (issue 11): at most :data:`MAX_SPEC_BYTES` of text, :data:`MAX_DEPTH` levels of
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from flows.errors import SpecIssue
+from factory.errors import SpecIssue
 
 Path_ = tuple[str | int, ...]
 MAX_SPEC_BYTES = 1_000_000  # a real spec is a few KB

@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.errors import FlowsError, OutputPathError, SpecError, SpecIssue
-from flows.spec import Cohort, DatasetSpec, QCSettings, is_safe_name, spec_id
+from factory.errors import FactoryError, OutputPathError, SpecError, SpecIssue
+from factory.spec import Cohort, DatasetSpec, QCSettings, is_safe_name, spec_id
 
 SEED_MODULUS = 2**31
 # Caps on what one spec may plan (all cohorts together). A spec is user input (``serve``/``submit`` take
@@ -229,12 +229,12 @@ def plan_dataset(spec: DatasetSpec) -> DatasetPlan:
     Raises:
         SpecError: listing every geometry or model-reference problem with its location.
     """
-    from flows.models import pipeline_config
+    from factory.models import pipeline_config
 
     issues: list[SpecIssue] = []
     try:
         config = pipeline_config(spec.model_location, preset=spec.model.preset)
-    except FlowsError as exc:
+    except FactoryError as exc:
         raise SpecError([spec.source.issue(("model",), str(exc))]) from None
     sid = spec_id(spec)
     cohorts = [_plan_cohort(spec, i, c, config, issues) for i, c in enumerate(spec.cohorts)]
