@@ -1,7 +1,8 @@
 """The catalog's named choices (output and export formats, QC verdicts), importable without the heavy modules.
 
 ``ctfactory``'s argument parser needs them for every command, so they live apart from
-:mod:`catalog.query` (DuckDB) and :mod:`catalog.export` (nibabel, NumPy), which re-export them.
+:mod:`catalog.query` / :mod:`catalog.engine` (DuckDB) and :mod:`catalog.export` (nibabel, NumPy); query and
+export re-export them.
 """
 
 from __future__ import annotations

@@ -16,25 +16,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import Transaction
 
 from catalog import fs as _fs
+from catalog import log as _log
 from catalog.errors import (
     CatalogError,
     CatalogNotFoundError,
@@ -74,9 +71,6 @@ COMMIT_BACKOFF_S = 0.05  # first retry waits up to this long (jittered); doubles
 COMMIT_BACKOFF_MAX_S = 1.0
 _READ_ERRORS: tuple[type[BaseException], ...] = (DeltaError, OSError, pa.ArrowException)
 _READ_HINT = "Check that ROOT is reachable and run `ctfactory catalog verify ROOT`."
-_COMMIT_FILE = re.compile(r"(\d{20})\.json")
-_CHECKPOINT_FILE = re.compile(r"(\d{20})\.checkpoint(\.[^/]+)?\.(parquet|json)")
-_FILE_ACTIONS = ("add", "remove", "cdc")
 
 
 def open_catalog(root_uri: str | Path, storage_options: Mapping[str, str] | None = None) -> Catalog:
@@ -452,50 +446,23 @@ class Catalog:
 
     def query(self, where: Any = None, *, as_of: int | None = None,
               columns: Sequence[str] | None = None) -> pa.Table:
-        """Return ``samples`` rows matching ``where`` at version ``as_of`` (see :mod:`catalog.query`)."""
-        from catalog.query import query_samples
+        """Return ``samples`` rows matching ``where`` at version ``as_of`` (see :mod:`catalog.engine`)."""
+        from catalog.engine import query_samples
 
         return query_samples(self, where, as_of=as_of, columns=columns)
 
     def sql(self, statement: str, *, as_of: int | None = None) -> pa.Table:
-        """Run DuckDB SQL over the tables ``samples`` and ``datasets`` (see :mod:`catalog.query`)."""
-        from catalog.query import query_sql
+        """Run DuckDB SQL over the tables ``samples`` and ``datasets`` (see :mod:`catalog.engine`)."""
+        from catalog.engine import query_sql
 
         return query_sql(self, statement, as_of=as_of)
 
     def logged_data_files(self, name: str = "samples") -> dict[str, int]:
         """Map every data file any version of table ``name`` mentions to the first version mentioning it.
 
-        Reads every JSON commit and checkpoint of ``_delta_log`` through fsspec (so it works on S3
-        too) and collects the paths of ``add``, ``remove`` and ``cdc`` actions, relative to the table
-        folder. Files that a later version removed (optimize, repair) are included: older versions
-        still reference them (time travel). A file only found in a checkpoint maps to its version.
-
-        Raises:
-            CatalogReadError: When a log entry cannot be read or parsed (the message names it).
+        See :func:`catalog.log.logged_data_files`, which this calls with the table's URI.
         """
-        table_uri = self.table_uri(name)
-        fs, log = _fs.filesystem(_fs.join_uri(table_uri, "_delta_log"), self.storage_options)
-        prefix = _fs.filesystem(table_uri, self.storage_options)[1].rstrip("/") + "/"
-        files: dict[str, int] = {}
-        with _reading_log_entry(log):
-            fs.invalidate_cache(log)
-            entries = sorted(fs.ls(log, detail=False))
-        for path in entries:
-            base = path.rsplit("/", 1)[-1]
-            match = _COMMIT_FILE.fullmatch(base) or _CHECKPOINT_FILE.fullmatch(base)
-            if match is None:
-                continue
-            version = int(match.group(1))
-            with _reading_log_entry(path):
-                found = (_parquet_log_paths(fs, path, log) if base.endswith(".parquet")
-                         else _json_log_paths(fs.cat_file(path), path))
-            for found_path in found:
-                rel = unquote(found_path)
-                rel = rel.split("://", 1)[-1] if "://" in rel else rel
-                rel = rel.removeprefix(prefix)
-                files[rel] = min(version, files.get(rel, version))
-        return files
+        return _log.logged_data_files(self.table_uri(name), self.storage_options)
 
 
 class _TableCreatedConcurrently(Exception):
@@ -510,49 +477,6 @@ def sample_app_ids(sample_ids: Iterable[str]) -> list[str]:
     buckets = {int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "big") % APP_ID_BUCKETS
                for sid in sample_ids}
     return [f"{APP_ID_PREFIX}{b:04d}" for b in sorted(buckets)]
-
-
-@contextlib.contextmanager
-def _reading_log_entry(path: str) -> Iterator[None]:
-    try:
-        yield
-    except (OSError, ValueError, pa.ArrowException) as exc:  # json.JSONDecodeError is a ValueError
-        raise CatalogReadError.from_exception(
-            "Catalog", f"Delta log entry {path}", exc,
-            "The Delta log is damaged; restore it from a backup (or re-run the commit that wrote it)."
-        ) from exc
-
-
-def _json_log_paths(raw: bytes, path: str) -> list[str]:
-    """Return the data-file paths of the actions in one JSON commit (or JSON checkpoint)."""
-    paths = []
-    lines = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{path} is empty (a Delta commit holds at least its commitInfo)")
-    for line in lines:
-        action = json.loads(line)
-        for kind in _FILE_ACTIONS:
-            if isinstance(action.get(kind), dict) and action[kind].get("path"):
-                paths.append(action[kind]["path"])
-    return paths
-
-
-def _parquet_log_paths(fs: Any, path: str, log: str) -> list[str]:
-    """Return the data-file paths in one checkpoint part, following v2 checkpoint sidecars."""
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        names = set(parquet.schema_arrow.names)
-        paths = []
-        for kind in (*_FILE_ACTIONS, "sidecar"):
-            if kind in names:
-                column = parquet.read(columns=[f"{kind}.path"]).column(0)
-                found = [p for p in column.to_pylist() if p]
-                if kind == "sidecar":
-                    for sidecar in found:
-                        paths += _parquet_log_paths(fs, f"{log}/_sidecars/{unquote(sidecar)}", log)
-                else:
-                    paths += found
-    return paths
 
 
 def _drop_committed(table: DeltaTable, new: pa.Table) -> pa.Table:

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from catalog import fs as _fs
 from catalog.errors import CatalogPathError, CatalogReadError, VerifyError
+from catalog.log import logged_data_files
 from catalog.store import TABLES, Catalog
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def find_leftovers(catalog: Catalog, listing: Mapping[str, Mapping[str, Any]]) -
                 if rel.startswith(prefix) and rel.endswith(".parquet") and "/_delta_log/" not in f"/{rel}"}
         if not data:
             continue
-        logged = catalog.logged_data_files(name)
+        logged = logged_data_files(catalog.table_uri(name), catalog.storage_options)
         found += [Leftover(rel, "untracked data", _age_s(info, now)) for rel, info in data.items()
                   if rel[len(prefix):] not in logged]
     return tuple(sorted(found, key=lambda f: f.path))
@@ -331,7 +332,8 @@ def repair_catalog(catalog: Catalog, report: VerifyReport, *,
         A :class:`RepairResult` listing what was removed and the version of the de-duplicating commit.
     """
     fs, root = _fs.filesystem(catalog.root_uri, catalog.storage_options)
-    logged = {name: catalog.logged_data_files(name) for name in TABLES if catalog.exists(name)}
+    logged = {name: logged_data_files(catalog.table_uri(name), catalog.storage_options)
+              for name in TABLES if catalog.exists(name)}
     removed = []
     for leftover in report.stale_leftovers:
         if leftover.kind == "untracked data":

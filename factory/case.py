@@ -25,10 +25,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +36,7 @@ from catalog.root import DatasetRoot
 from catalog.schema import SampleRecord
 from factory.errors import CaseInputError
 from factory.plan import CaseRequest, attempt_seed, derive_seed
+from factory.spec import FolderMasks, GeneratorMasks, UserMasks
 from factory.storage import publish_volume, unpublish, written_header
 
 logger = logging.getLogger(__name__)
@@ -172,67 +172,59 @@ def get_generator(name: str, model_ref: str, device: str = "auto", decode_preset
 _mask_generators: dict[tuple, Any] = {}
 
 
-def _load_mask_generator(src: Mapping[str, Any]) -> Any:
+def _load_mask_generator(source: GeneratorMasks) -> Any:
+    """The mask generator a source names, built once per process (released checkpoints or seeded preset)."""
     from maisi_core.mask_generator import MaskGenerator, MaskGeneratorConfig
 
-    key = (src.get("preset"), src.get("autoencoder_path"), src.get("diffusion_path"))
+    key = (source.preset, source.autoencoder_path, source.diffusion_path)
     with _locks_guard:
         if key not in _mask_generators:
-            if src.get("autoencoder_path"):
-                cfg = MaskGeneratorConfig.tiny() if src.get("preset") == "tiny" else MaskGeneratorConfig.official()
-                gen = MaskGenerator.from_checkpoints(cfg, autoencoder_path=src["autoencoder_path"],
-                                                     diffusion_path=src["diffusion_path"])
+            if source.autoencoder_path:
+                cfg = MaskGeneratorConfig.tiny() if source.preset == "tiny" else MaskGeneratorConfig.official()
+                gen = MaskGenerator.from_checkpoints(cfg, autoencoder_path=source.autoencoder_path,
+                                                     diffusion_path=source.diffusion_path)
             else:
-                gen = MaskGenerator.from_config(src.get("preset", "tiny"), seed=0)
+                gen = MaskGenerator.from_config(source.preset, seed=0)
             _mask_generators[key] = gen
         return _mask_generators[key]
 
 
-def _user_mask_file(path: str, index: int) -> str:
-    p = Path(path)
-    if p.is_file():
-        return str(p)
-    files = sorted(f for f in p.glob("*") if f.name.endswith((".nii", ".nii.gz")))
-    if not files:
-        from maisi_core.errors import MaskSourceError
+def user_mask_file(path: str, index: int) -> str:
+    """The file case ``index`` of a ``user`` source reads: the file itself, or file ``index mod n`` of a folder."""
+    from factory.preflight import user_mask_candidates
 
-        raise MaskSourceError(f"make_case_mask expects a NIfTI file or a folder holding some, but got "
-                              f"path={path!r} with none.")
-    return str(files[index % len(files)])
+    files = user_mask_candidates(path, who="make_case_mask")
+    return files[index % len(files)]
 
 
-def mask_options(request: CaseRequest) -> dict[str, Any]:
-    """Return ``MaskRequest.options`` for the request's mask source."""
-    src = dict(request.mask_source)
-    kind = src["type"]
-    if kind == "folder":
-        return {"folder": src["path"], "required_labels": src.get("required_labels", []),
-                "top_k": src.get("top_k", 1)}
-    if kind == "user":
-        mapping = src["label_mapping"]
-        if isinstance(mapping, dict):
-            mapping = {int(k): v for k, v in mapping.items()}
-        return {"path": _user_mask_file(src["path"], request.case_index), "mapping": mapping,
-                "unmapped": src.get("unmapped", "error"), "add_body": src.get("add_body", True)}
-    if kind == "maisi_mask_generator":
-        opts = {"generator": _load_mask_generator(src), "num_inference_steps": src.get("num_inference_steps", 1000)}
-        if src.get("size_vector"):
-            opts["size_vector"] = src["size_vector"]
-        return opts
-    return {}
+def mask_options(request: CaseRequest) -> Any:
+    """The ``maisi_core.mask_types`` options of the request's (typed) mask source."""
+    from maisi_core.mask_types import FolderOptions, GeneratorOptions, PhantomOptions, UserOptions
+
+    source = request.mask_source
+    if isinstance(source, FolderMasks):
+        return FolderOptions(source.path, required_labels=tuple(source.required_labels), top_k=source.top_k)
+    if isinstance(source, UserMasks):
+        return UserOptions(user_mask_file(source.path, request.case_index), mapping=source.label_mapping,
+                           unmapped=source.unmapped, add_body=source.add_body)
+    if isinstance(source, GeneratorMasks):
+        return GeneratorOptions(_load_mask_generator(source), num_inference_steps=source.num_inference_steps,
+                                size_vector=None if source.size_vector is None else tuple(source.size_vector))
+    return PhantomOptions()
 
 
 def make_case_mask(request: CaseRequest, seed: int) -> Any:
     """Make the conditioning mask of one attempt (``maisi_core.masks.make_mask``)."""
-    from maisi_core.masks import MaskRequest, make_mask
+    from maisi_core.mask_types import MaskRequest
+    from maisi_core.masks import make_mask
     from maisi_core.phantom import TumorSpec
 
     tumor = None
     if request.tumor_label is not None:
         tumor = TumorSpec(request.tumor_label, requested_tumor_size_mm(request))
     return make_mask(MaskRequest(
-        source=request.mask_source["type"], regions=request.body_region, output_size_vox=request.output_size,
-        spacing_mm=request.spacing_mm, tumor=tumor, seed=derive_seed("mask", seed), options=mask_options(request),
+        mask_options(request), regions=request.body_region, output_size_vox=request.output_size,
+        spacing_mm=request.spacing_mm, tumor=tumor, seed=derive_seed("mask", seed),
     ))
 
 
@@ -369,6 +361,6 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoo
                 reasons[-1] if reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False, cpu_threads=cpu_threads,
-                   mask_source=str(request.mask_source["type"]), qc_failures=last_failures,
+                   mask_source=request.mask_source.type, qc_failures=last_failures,
                    failure_reason=" | ".join(reasons)[:4000], **last_qc,
                    timings_s={"case_total": time.perf_counter() - t_start})

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from factory.errors import FactoryError, OutputPathError, SpecError, SpecIssue
-from factory.spec import Cohort, DatasetSpec, QCSettings, is_safe_name, spec_id
+from factory.spec import Cohort, DatasetSpec, MaskSource, QCSettings, is_safe_name, spec_id
 
 SEED_MODULUS = 2**31
 # Caps on what one spec may plan (all cohorts together). A spec is user input (``serve``/``submit`` take
@@ -69,7 +69,7 @@ class CaseRequest(BaseModel):
     tumor_size_mm: tuple[float, float] | None = None
     output_size: tuple[int, int, int]
     spacing_mm: tuple[float, float, float]
-    mask_source: dict[str, Any]
+    mask_source: MaskSource  # typed, its paths resolved against the spec's folder
     qc: QCSettings
     num_inference_steps: int | None
     first_attempt: int = 0  # > 0 when ``run --retry-failed`` retries a recorded failure on new attempt seeds
@@ -304,13 +304,12 @@ def _check_plan_size(spec: DatasetSpec, cohorts: list[CohortPlan | None]) -> Non
             f"several specs, or raise the cap with {MAX_VOXELS_ENV}."))])
 
 
-def _resolved_mask_source(spec: DatasetSpec, cohort: Cohort) -> dict[str, Any]:
-    """The cohort's mask source as the case reads it: its paths resolved against the spec's folder."""
-    source = cohort.mask_source.model_dump(mode="json")
-    for key in ("path", "autoencoder_path", "diffusion_path"):
-        if source.get(key):
-            source[key] = spec.resolve_path(source[key])
-    return source
+def _resolved_mask_source(spec: DatasetSpec, cohort: Cohort) -> MaskSource:
+    """The cohort's mask source as the case reads it: the same typed source, its paths resolved."""
+    source = cohort.mask_source
+    paths = {key: spec.resolve_path(getattr(source, key)) for key in ("path", "autoencoder_path", "diffusion_path")
+             if getattr(source, key, None)}
+    return source.model_copy(update=paths) if paths else source
 
 
 def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:

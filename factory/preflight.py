@@ -49,6 +49,15 @@ _RELATIVE_HINT = "Relative paths in a spec are read from the spec file's folder.
 
 def user_mask_files(path: str, count: int, *, who: str = "mask_source") -> list[str]:
     """The files the first ``count`` cases of a ``user`` mask source read (case ``i`` reads file ``i mod n``)."""
+    return user_mask_candidates(path, who=who)[:count]
+
+
+def user_mask_candidates(path: str, *, who: str = "mask_source") -> list[str]:
+    """Every file a ``user`` mask source may read: the file itself, or a folder's NIfTI files in name order.
+
+    Raises:
+        MaskSourceError: the path is missing, a broken link, or a folder without NIfTI files.
+    """
     from maisi_core.errors import MaskSourceError
 
     p = Path(path)
@@ -66,7 +75,7 @@ def user_mask_files(path: str, count: int, *, who: str = "mask_source") -> list[
     if not files:
         raise MaskSourceError(f"{who} expects a folder holding .nii or .nii.gz label maps, but got "
                               f"path={path!r} with none.")
-    return files[:count]
+    return files
 
 
 def check_mask_sources(spec: DatasetSpec) -> None:

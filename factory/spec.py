@@ -30,6 +30,7 @@ from factory.errors import SpecError
 from factory.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
 from maisi_core.decoding import DECODE_PRESETS
 from maisi_core.labels import TUMOR_TYPES
+from maisi_core.mask_types import FolderOptions, GeneratorOptions, UserOptions, option_default
 
 MAX_OUTPUT_VOX = 1024  # per axis: beyond any model's geometry, and 1024^3 float32 is already 4 GB
 SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
@@ -104,7 +105,8 @@ class FolderMasks(_Strict):
     type: Literal["folder"]
     path: str = Field(min_length=1, description="folder of NIfTI label maps (with or without mask_index.json)")
     required_labels: list[int | str] = Field(default_factory=list, description="IDs or names a candidate must hold")
-    top_k: int = Field(1, ge=1, le=1000, description="draw among the k best candidates")
+    top_k: int = Field(option_default(FolderOptions, "top_k"), ge=1, le=1000,
+                       description="draw among the k best candidates")
 
 
 class UserMasks(_Strict):
@@ -114,8 +116,9 @@ class UserMasks(_Strict):
     path: str = Field(min_length=1)
     label_mapping: dict[int, int | str] | Literal["maisi", "totalsegmentator"] = Field(
         description="source ID -> MAISI ID or name; 'totalsegmentator' (v2 total task) or 'maisi' (already MAISI IDs)")
-    unmapped: Literal["error", "background", "body"] = "error"
-    add_body: bool = Field(True, description="add body label 200 around the labelled structures")
+    unmapped: Literal["error", "background", "body"] = option_default(UserOptions, "unmapped")
+    add_body: bool = Field(option_default(UserOptions, "add_body"),
+                           description="add body label 200 around the labelled structures")
 
 
 class GeneratorMasks(_Strict):
@@ -126,7 +129,7 @@ class GeneratorMasks(_Strict):
     diffusion_path: str | None = None
     preset: Literal["tiny", "official"] = "official"
     size_vector: list[float] | None = Field(None, min_length=10, max_length=10)
-    num_inference_steps: int = Field(1000, ge=1, le=1000)
+    num_inference_steps: int = Field(option_default(GeneratorOptions, "num_inference_steps"), ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorMasks:

@@ -190,7 +190,6 @@ def issue_from_pydantic(err: Mapping[str, Any], smap: SourceMap, field_names: Ma
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _TAGS))
     kind, msg, value = err["type"], err["msg"], err.get("input")
     name = str(loc[-1]) if loc else "spec"
-    where = format_path(loc) or "spec"
     if kind == "missing" and loc and isinstance(loc[-1], int):
         parent = format_path(loc[:-1])
         return smap.issue(loc[:-1], f"DatasetSpec expects more items in {parent}, but got no item [{loc[-1]}]. "

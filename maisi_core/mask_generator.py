@@ -36,6 +36,8 @@ from scipy import ndimage
 from maisi_core import labels
 from maisi_core.weights import load_torch_checkpoint
 from maisi_core.errors import ConfigError, MaskSourceError, WeightsError
+from maisi_core.mask_remap import resample_label_map
+from maisi_core.mask_types import GeneratorOptions, MaskRequest, MaskResult, place_requested_tumor
 
 logger = logging.getLogger(__name__)
 
@@ -279,18 +281,19 @@ def postprocess_generated_mask(label_map: np.ndarray, *, keep_tumors: Sequence[i
     return out
 
 
-def generate_mask_for_request(request) -> Any:
+def generate_mask_for_request(request: MaskRequest) -> MaskResult:
     """The ``maisi_mask_generator`` mask source: generate at 1.5 mm, resample, place the requested tumour."""
-    from maisi_core.masks import MaskResult, _place_requested_tumor, _required_option, resample_label_map
     from maisi_core.geometry import affine_from_spacing
 
-    opts = dict(request.options)
-    generator = _required_option(opts, "generator", "maisi_mask_generator")
-    sizes = check_size_vector(opts.get("size_vector", [0.5] * 5 + [0.0] * 5))
-    raw = generator.generate(sizes, seed=request.seed, num_inference_steps=int(opts.get("num_inference_steps", 1000)),
-                             latent_shape=opts.get("latent_shape"))
+    opts = request.options
+    if not isinstance(opts, GeneratorOptions):
+        raise MaskSourceError(f"generate_mask_for_request expects GeneratorOptions, but got "
+                              f"options={type(opts).__name__}.")
+    sizes = check_size_vector(list(opts.size_vector) if opts.size_vector is not None else [0.5] * 5 + [0.0] * 5)
+    raw = opts.generator.generate(sizes, seed=request.seed, num_inference_steps=int(opts.num_inference_steps),
+                                  latent_shape=opts.latent_shape)
     label_map, affine = resample_label_map(raw, affine_from_spacing(GENERATED_SPACING_MM, raw.shape),
                                            spacing_mm=request.spacing_mm, output_size_vox=request.output_size_vox)
-    tumors = _place_requested_tumor(label_map, affine, request)
+    tumors = place_requested_tumor(label_map, affine, request)
     digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:12]
     return MaskResult(label_map, affine, "maisi_mask_generator", f"maisi_mask_generator:{request.seed}:{digest}", tumors)

@@ -34,120 +34,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.networks.utils import copy_model_state
 
 from maisi_core.config import PipelineConfig, RFlowSchedulerConfig
-from maisi_core.errors import ConfigError, TrainingDataError, did_you_mean
-from maisi_core.labels import BACKGROUND_ID, BODY_ID, RIB_IDS, TUMOR_IDS
+from maisi_core.errors import ConfigError, TrainingDataError
 from maisi_core.pipeline import MaisiPipeline, encode_labels_8bit, resolve_device
+from maisi_core.training_config import LOSSES, STAGES, THIN_STRUCTURE_IDS, TrainingConfig
 from maisi_core.training_data import TrainingCase
-from maisi_core.training_loop import (  # noqa: F401  (TrainingProgress is part of this module's API)
-    STAGES,
-    ProgressCallback,
-    TrainingProgress,
-    TrainingRun,
-    run_stage_loop,
-)
+from maisi_core.training_losses import roi_weights, weighted_loss
+from maisi_core.training_loop import ProgressCallback, TrainingProgress, TrainingRun, run_stage_loop
+
+# The config, stage names and progress types live in training_config / training_loop; callers import them from here.
+__all__ = [
+    "CT_MODALITY", "LOSSES", "STAGES", "THIN_STRUCTURE_IDS", "ProgressCallback", "TrainingConfig", "TrainingProgress",
+    "TrainingResult", "compute_scale_factor", "encode_cases", "train_controlnet_stage", "train_pipeline",
+    "train_unet_stage", "train_vae_stage",
+]
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("l1", "mse")
 CT_MODALITY = 1
-
-# Structures one or two voxels wide at the default model's 6 mm: ribs, spinal cord, trachea, airway.
-THIN_STRUCTURE_IDS: tuple[int, ...] = (*RIB_IDS, 121, 57, 132)
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Hyper-parameters of a training run (all stages).
-
-    Attributes:
-        stages: stages to run, in the order of ``STAGES``.
-        steps_vae, steps_unet, steps_controlnet: optimiser steps per stage.
-        batch_vae, batch_unet, batch_controlnet: cases per step.
-        vae_patch_vox: cubic patch edge for the VAE (the whole volume when larger).
-        lr_vae, lr_unet, lr_controlnet: peak learning rates (Adam / AdamW), linear warm-up over
-            ``warmup_steps`` then cosine decay to 10 %.
-        kl_weight: KL weight (upstream MAISI: 1e-7).
-        vae_decoder_only: train only the VAE decoder (encoder frozen): the latent space, and so a trained
-            UNet/ControlNet, stays valid while the reconstruction improves (fine-tuning a finished model).
-        adv_weight: patch adversarial weight (0 switches the discriminator off).
-        diffusion_loss: ``"l1"`` (MAISI) or ``"mse"``.
-        roi_loss_weight: weight of voxels (VAE) and latent voxels (UNet, ControlNet) covering organ/tumour
-            labels, i.e. anything but background 0 and body 200 (1: plain mean).
-        tumor_loss_weight: weight of voxels (VAE) and latent voxels (UNet, ControlNet) covering a tumour
-            label (23, 24, 26, 27, 128), multiplying ``roi_loss_weight``. Tumours are a few voxels of a
-            case, so without it the networks learn to paint them as their host organ (upstream MAISI
-            weights tumour voxels x100 in the ControlNet loss; 1: no extra weight).
-        thin_loss_weight: the same for thin structures (:data:`THIN_STRUCTURE_IDS`: ribs, spinal cord,
-            trachea, airway), one or two voxels wide at the default model's 6 mm, which a x4 VAE
-            otherwise blurs into their surroundings (ribs read as lung, the cord as bone).
-        scale_factor_cases: images encoded to estimate the latent scale factor.
-        max_minutes: wall-time budget for all stages (None: no limit); a stage gets the remaining budget
-            times its share of the remaining steps and stops early when it runs out.
-        anneal_to_budget: with ``max_minutes``, decay the learning rate by the larger of step and time
-            progress, so a stage the budget stops early still ends at the floor rate (off by default: the
-            runs that made the packaged model did not do it, and it makes step-to-lr depend on the machine).
-        checkpoint_every: steps between checkpoints (and always at the end of a stage).
-        seed: seed of initialisation and of every step's draws.
-    """
-
-    stages: tuple[str, ...] = STAGES
-    steps_vae: int = 500
-    steps_unet: int = 500
-    steps_controlnet: int = 500
-    batch_vae: int = 4
-    batch_unet: int = 4
-    batch_controlnet: int = 2
-    vae_patch_vox: int = 32
-    lr_vae: float = 1e-3
-    lr_unet: float = 5e-4
-    lr_controlnet: float = 3e-4
-    warmup_steps: int = 20
-    kl_weight: float = 1e-7
-    vae_decoder_only: bool = False
-    adv_weight: float = 0.0
-    diffusion_loss: str = "l1"
-    roi_loss_weight: float = 1.0
-    tumor_loss_weight: float = 1.0
-    thin_loss_weight: float = 1.0
-    scale_factor_cases: int = 16
-    max_minutes: float | None = None
-    anneal_to_budget: bool = False
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        stages = (self.stages,) if isinstance(self.stages, str) else tuple(self.stages)
-        for s in stages:
-            if s not in STAGES:
-                raise ConfigError(
-                    f"TrainingConfig expects stages from {list(STAGES)}, but got stage={s!r}.{did_you_mean(s, STAGES)}"
-                )
-        object.__setattr__(self, "stages", tuple(s for s in STAGES if s in stages))
-        if self.diffusion_loss not in LOSSES:
-            raise ConfigError(
-                f"TrainingConfig expects diffusion_loss in {list(LOSSES)}, but got "
-                f"diffusion_loss={self.diffusion_loss!r}.{did_you_mean(self.diffusion_loss, LOSSES)}"
-            )
-        for name in ("steps_vae", "steps_unet", "steps_controlnet"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"TrainingConfig expects {name} >= 0, but got {name}={getattr(self, name)}.")
-        for name in ("batch_vae", "batch_unet", "batch_controlnet", "vae_patch_vox", "checkpoint_every",
-                     "scale_factor_cases"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
-        for name in ("roi_loss_weight", "tumor_loss_weight", "thin_loss_weight"):
-            if not float(getattr(self, name)) >= 1.0:
-                raise ConfigError(f"TrainingConfig expects {name} >= 1, but got {name}={getattr(self, name)}.")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"TrainingConfig expects max_minutes > 0 or None, but got max_minutes={self.max_minutes}.")
-
-    def steps(self, stage: str) -> int:
-        """Steps of one stage (0 when the stage is not selected)."""
-        return int(getattr(self, f"steps_{stage}")) if stage in self.stages else 0
 
 
 @dataclass(frozen=True)
@@ -165,36 +71,6 @@ class TrainingResult:
     digest: str
     scale_factor: float
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _weighted_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, kind: str) -> torch.Tensor:
-    err = (pred.float() - target.float()).abs() if kind == "l1" else (pred.float() - target.float()) ** 2
-    if weight is None:
-        return err.mean()
-    return (err * weight).sum() / (weight.sum() * err.shape[1])
-
-
-def _roi_weights(label_maps: np.ndarray, factor: int, cfg: TrainingConfig) -> torch.Tensor | None:
-    """(B, 1, x, y, z) loss weights of the voxels of label maps (B, X, Y, Z) pooled by ``factor``.
-
-    ``cfg.roi_loss_weight`` on (latent) voxels covering organ/tumour labels, times ``cfg.tumor_loss_weight``
-    on those covering a tumour and ``cfg.thin_loss_weight`` on those covering a thin structure, 1
-    elsewhere; None when all three are 1.
-    """
-    weight, tumor_weight, thin_weight = cfg.roi_loss_weight, cfg.tumor_loss_weight, cfg.thin_loss_weight
-    if weight == 1.0 and tumor_weight == 1.0 and thin_weight == 1.0:
-        return None
-    lab = torch.from_numpy(np.ascontiguousarray(label_maps))[:, None]
-    roi = F.max_pool3d(((lab != BACKGROUND_ID) & (lab != BODY_ID)).float(), kernel_size=factor, stride=factor)
-    out = 1.0 + (weight - 1.0) * roi
-    for ids, extra in ((TUMOR_IDS, tumor_weight), (THIN_STRUCTURE_IDS, thin_weight)):
-        if extra != 1.0:
-            hit = torch.isin(lab, torch.tensor(ids, dtype=lab.dtype)).float()
-            out = out * (1.0 + (extra - 1.0) * F.max_pool3d(hit, kernel_size=factor, stride=factor))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -238,14 +114,14 @@ def train_vae_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[Train
             crops.append(np.flip(cases[int(i)].image[box], flips))
             label_crops.append(np.flip(cases[int(i)].label_map[box], flips))
         x = torch.from_numpy(np.ascontiguousarray(np.stack(crops)))[:, None].to(dev)
-        weight = _roi_weights(np.stack(label_crops), 1, cfg)
+        weight = roi_weights(np.stack(label_crops), 1, cfg)
         if cfg.vae_decoder_only:
             with torch.no_grad():
                 mu, sigma = vae.encode(x)
             recon = vae.decode(vae.sampling(mu, sigma))
         else:
             recon, mu, sigma = vae(x)
-        l1 = _weighted_loss(recon, x, None if weight is None else weight.to(dev), "l1")
+        l1 = weighted_loss(recon, x, None if weight is None else weight.to(dev), "l1")
         kl = 0.5 * torch.sum(mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-10) - 1, dim=[1, 2, 3, 4]).mean()
         loss = l1 + cfg.kl_weight * kl
         out = {"l1": float(l1.detach()), "kl": float(kl.detach())}
@@ -314,8 +190,8 @@ def _rflow_loss(pipe: MaisiPipeline, cfg, rng: np.random.Generator, latents: tor
         down, mid = controlnet(x=xt, timesteps=t, controlnet_cond=cond, class_labels=classes)
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     pred = pipe.unet(xt, t, class_labels=classes, spacing_tensor=spacing, **residuals)
-    weight = _roi_weights(labels_, pipe.config.vae.downsample_factor, cfg)
-    return _weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
+    weight = roi_weights(labels_, pipe.config.vae.downsample_factor, cfg)
+    return weighted_loss(pred, target, None if weight is None else weight.to(dev), cfg.diffusion_loss)
 
 
 def train_unet_stage(run: TrainingRun, pipe: MaisiPipeline, cases: Sequence[TrainingCase],

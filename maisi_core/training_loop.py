@@ -17,19 +17,15 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from maisi_core.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from maisi_core.training import TrainingConfig
+from maisi_core.training_config import STAGES, TrainingConfig
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("vae", "unet", "controlnet")
 
 
 @dataclass(frozen=True)
@@ -60,7 +56,7 @@ def _seeded(seed: int, stage: str, step: int, device: torch.device):
         yield np.random.default_rng(_step_seed(seed, stage, step))
 
 
-def _lr_factor(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
+def lr_factor(step: int, total: int, warmup: int, time_progress: float = 0.0) -> float:
     """Linear warm-up, then cosine decay to 10 % over the larger of step progress and ``time_progress``.
 
     ``time_progress`` (the spent share of a stage's wall-time budget) makes a run that a budget stops before
@@ -179,7 +175,7 @@ def run_stage_loop(run: TrainingRun, stage: str, step_fn: Callable[[np.random.Ge
             break
         time_progress = (0.0 if deadline is None or not run.cfg.anneal_to_budget
                          else (now - budget_start) / max(1e-9, deadline - budget_start))
-        factor = _lr_factor(step, total, run.cfg.warmup_steps, time_progress)
+        factor = lr_factor(step, total, run.cfg.warmup_steps, time_progress)
         for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = lr * factor

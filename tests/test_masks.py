@@ -17,20 +17,23 @@ from maisi_core.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from maisi_core.masks import (
-    MASK_SOURCES,
-    MaskRequest,
-    build_mask_index,
-    load_mask_index,
+from maisi_core.mask_folder import build_mask_index, load_mask_index, save_mask_index, score_candidate
+from maisi_core.mask_remap import (
     load_user_mask,
-    make_mask,
     remap_labels,
     resample_label_map,
-    save_mask_index,
-    score_candidate,
     totalsegmentator_mapping,
     totalsegmentator_names,
 )
+from maisi_core.mask_types import (
+    OPTION_CLASSES,
+    FolderOptions,
+    GeneratorOptions,
+    MaskRequest,
+    PhantomOptions,
+    UserOptions,
+)
+from maisi_core.masks import MASK_SOURCES, make_mask
 from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
 
 
@@ -53,16 +56,30 @@ def test_mask_sources_registry_names():
 
 
 def test_make_mask_phantom_is_deterministic():
-    request = MaskRequest(source="phantom", regions="chest", output_size_vox=(32, 32, 32), spacing_mm=(10.0,) * 3, seed=3)
+    request = MaskRequest(PhantomOptions(), regions="chest", output_size_vox=(32, 32, 32), spacing_mm=(10.0,) * 3, seed=3)
     a, b = make_mask(request), make_mask(request)
     assert a.mask_source == "phantom" and a.mask_id == "phantom:3"
     assert np.array_equal(a.label_map, b.label_map)
     labels.check_label_map(a.label_map, expected_shape=(32, 32, 32))
 
 
-def test_mask_request_rejects_unknown_source():
-    with pytest.raises(MaskSourceError, match=r"MaskRequest expects source to be one of \['folder', 'maisi_mask_generator', 'phantom', 'user'\], but got source='phantm'\. Did you mean 'phantom'\?"):
-        MaskRequest(source="phantm")
+def test_mask_request_rejects_options_of_no_source():
+    with pytest.raises(MaskSourceError, match=r"MaskRequest expects options of one of \['FolderOptions', 'GeneratorOptions', "
+                                              r"'PhantomOptions', 'UserOptions'\], but got options=dict"):
+        MaskRequest({"folder": "x"})  # type: ignore[arg-type]
+    assert set(OPTION_CLASSES) == set(MASK_SOURCES)  # one typed options class per registered source
+
+
+def test_source_options_check_their_values():
+    with pytest.raises(MaskSourceError, match=r"UserOptions expects unmapped in \['error', 'background', 'body'\], "
+                                              r"but got unmapped='bdy'\. Did you mean 'body'\?"):
+        UserOptions("x.nii.gz", unmapped="bdy")  # type: ignore[arg-type]
+    with pytest.raises(MaskSourceError, match=r"UserOptions expects mapping to be a dict or one of"):
+        UserOptions("x.nii.gz", mapping="totalseg")  # type: ignore[arg-type]
+    with pytest.raises(MaskSourceError, match=r"FolderOptions expects top_k >= 1, but got top_k=0"):
+        FolderOptions("masks", top_k=0)
+    with pytest.raises(MaskSourceError, match=r"GeneratorOptions expects a MaskGenerator, but got generator=None"):
+        GeneratorOptions(None)
 
 
 def test_totalsegmentator_table_names_map_to_maisi():
@@ -171,14 +188,14 @@ def test_resample_label_map_keeps_mm_size_and_centre():
 def test_make_mask_user_source_records_file_and_hash(tmp_path):
     case = generate_phantom(PhantomConfig("abdomen", (40, 40, 30), (8.0, 8.0, 8.0)), seed=2)
     path = _write_nifti(tmp_path / "case.nii.gz", case.label_map, case.affine)
-    request = MaskRequest(source="user", regions="abdomen", output_size_vox=(40, 40, 30), spacing_mm=(8.0,) * 3,
-                          tumor=TumorSpec("pancreatic tumor", (10.0, 20.0)), seed=4, options={"path": str(path)})
+    request = MaskRequest(UserOptions(str(path)), regions="abdomen", output_size_vox=(40, 40, 30), spacing_mm=(8.0,) * 3,
+                          tumor=TumorSpec("pancreatic tumor", (10.0, 20.0)), seed=4)
     result = make_mask(request)
     assert result.mask_source == "user" and result.mask_id.startswith("user:case.nii.gz:")
     assert np.array_equal(result.label_map[result.label_map != 24], case.label_map[result.label_map != 24])
     assert len(result.tumors) == 1 and np.any(result.label_map == 24)
-    with pytest.raises(MaskSourceError, match=r"make_mask expects option 'path' for source 'user', but got options=\[\]\."):
-        make_mask(MaskRequest(source="user"))
+    with pytest.raises(MaskSourceError, match=r"UserOptions expects the path of a NIfTI label map, but got path=''"):
+        make_mask(MaskRequest(UserOptions("")))
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +229,8 @@ def test_make_mask_folder_picks_closest_and_resamples(mask_folder):
     index = load_mask_index(mask_folder / "mask_index.json")
     scores = {e["file"]: score_candidate(e, spacing_mm=(7.0, 7.0, 8.5), output_size_vox=(46, 46, 38)) for e in index}
     assert scores["b_match.nii.gz"] < scores["a_small.nii.gz"]
-    request = MaskRequest(source="folder", regions=("chest", "abdomen"), output_size_vox=(46, 46, 38),
-                          spacing_mm=(7.0, 7.0, 8.5), seed=0,
-                          options={"folder": str(mask_folder), "required_labels": ["liver", 3]})
+    request = MaskRequest(FolderOptions(str(mask_folder), required_labels=("liver", 3)), regions=("chest", "abdomen"),
+                          output_size_vox=(46, 46, 38), spacing_mm=(7.0, 7.0, 8.5), seed=0)
     result = make_mask(request)
     assert result.mask_source == "folder" and result.mask_id.startswith("folder:b_match.nii.gz:")
     assert result.label_map.shape == (46, 46, 38)
@@ -224,8 +240,8 @@ def test_make_mask_folder_picks_closest_and_resamples(mask_folder):
 
 
 def test_make_mask_folder_handles_tumours(mask_folder):
-    base = dict(source="folder", regions="abdomen", output_size_vox=(48, 48, 40), spacing_mm=(7.0, 7.0, 8.0),
-                options={"folder": str(mask_folder)})
+    base = dict(options=FolderOptions(str(mask_folder)), regions="abdomen", output_size_vox=(48, 48, 40),
+                spacing_mm=(7.0, 7.0, 8.0))
     hepatic = make_mask(MaskRequest(tumor=TumorSpec("hepatic tumor"), **base))
     assert hepatic.mask_id.startswith("folder:b_match")  # ties broken by file name; tumour placed
     assert len(hepatic.tumors) == 1 and np.any(hepatic.label_map == 26)
@@ -234,7 +250,7 @@ def test_make_mask_folder_handles_tumours(mask_folder):
 
 
 def test_make_mask_folder_without_candidates_raises(mask_folder):
-    request = MaskRequest(source="folder", regions="lower", options={"folder": str(mask_folder)})
+    request = MaskRequest(FolderOptions(str(mask_folder)), regions="lower")
     with pytest.raises(NoCandidateMaskError, match=r"retrieve_mask expects at least one mask in .* with labels \[\], regions \['lower'\] and no other tumour than None, but got candidates=0 of 4"):
         make_mask(request)
 
@@ -321,8 +337,8 @@ def test_load_weights_refuses_pickled_objects(tmp_path):
 
 
 def test_make_mask_with_the_mask_generator_source(tiny_generator):
-    request = MaskRequest(source="maisi_mask_generator", output_size_vox=(24, 24, 16), spacing_mm=(2.0, 2.0, 3.0), seed=5,
-                          options={"generator": tiny_generator, "num_inference_steps": 2, "latent_shape": (4, 8, 8, 8)})
+    request = MaskRequest(GeneratorOptions(tiny_generator, num_inference_steps=2, latent_shape=(4, 8, 8, 8)),
+                          output_size_vox=(24, 24, 16), spacing_mm=(2.0, 2.0, 3.0), seed=5)
     result = make_mask(request)
     assert result.mask_source == "maisi_mask_generator" and result.mask_id.startswith("maisi_mask_generator:5:")
     assert result.label_map.shape == (24, 24, 16)

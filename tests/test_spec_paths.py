@@ -58,7 +58,7 @@ def test_relative_paths_resolve_against_the_spec_folder_not_the_current_one(tmp_
     assert spec.output_uri == str(spec_file.parent.resolve() / "out")
     check_mask_sources(spec)  # finds ./masks next to the spec, not in ./elsewhere
     plan = plan_dataset(spec)
-    assert {c.mask_source["path"] for c in plan.cases} == {str(spec_file.parent.resolve() / "masks")}
+    assert {c.mask_source.path for c in plan.cases} == {str(spec_file.parent.resolve() / "masks")}
 
 
 def test_same_spec_file_gives_the_same_spec_id_wherever_it_lies(tmp_path):

@@ -273,7 +273,7 @@ def test_training_config_errors():
 
 
 def test_tumor_loss_weight_weights_latent_voxels_covering_a_tumour():
-    from maisi_core.training import _roi_weights
+    from maisi_core.training_losses import roi_weights as _roi_weights
 
     lab = np.full((1, 8, 8, 8), 200, np.uint8)
     lab[0, 0:4, 0:4, 0:4] = 1  # liver: latent voxel (0, 0, 0) at factor 4
@@ -356,7 +356,7 @@ def test_roi_loss_weight_applies_to_every_stage(tmp_path, tiny_cases):
 
 
 def test_lr_decays_with_the_spent_time_budget_too():
-    from maisi_core.training_loop import _lr_factor
+    from maisi_core.training_loop import lr_factor as _lr_factor
 
     assert _lr_factor(0, 1000, 20) == pytest.approx(1 / 20)
     assert _lr_factor(50, 1000, 20) > 0.99  # early by steps, no budget: near the peak
