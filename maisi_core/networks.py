@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
@@ -20,7 +19,6 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
 )
 from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
-from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 
 from maisi_core.config import AutoencoderConfig, ControlNetConfig, DiffusionUNetConfig
 from maisi_core.errors import ConfigError
@@ -76,61 +74,37 @@ def build_controlnet(cfg: ControlNetConfig, device: torch.device | str = "cpu") 
 
 
 # (id(embedding module), id(conditioning tensor)) -> (tensor, output, autocast dtype or None), per context
-_COND_CACHE: ContextVar[dict[tuple[int, int], tuple] | None] = ContextVar("controlnet_cond_cache", default=None)
+def embed_control(controlnet: torch.nn.Module, control: torch.Tensor) -> torch.Tensor:
+    """The ControlNet's embedding of a mask input ``(1, 8, X, Y, Z)``.
 
-
-class _ReusedConditioningEmbedding:
-    """Mixin for MONAI's ControlNet conditioning embedding: inside :func:`reuse_controlnet_conditioning`
-    and without autograd, the same input tensor object is embedded once (the embedding runs at full image
-    resolution and does not depend on the timestep, so a denoising loop would redo it at every step)."""
-
-    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
-        cache = _COND_CACHE.get()
-        if cache is None or torch.is_grad_enabled():
-            return super().forward(conditioning)  # type: ignore[misc]
-        amp = torch.get_autocast_dtype(conditioning.device.type) if torch.is_autocast_enabled(
-            conditioning.device.type) else None
-        key = (id(self), id(conditioning))
-        hit = cache.get(key)
-        if hit is not None and hit[0] is conditioning and hit[2] == amp:
-            return hit[1]
-        out = super().forward(conditioning)  # type: ignore[misc]
-        cache[key] = (conditioning, out, amp)  # holding the input keeps its id from being reused
-        return out
-
-
-class ReusedControlNetConditioningEmbedding(_ReusedConditioningEmbedding, ControlNetConditioningEmbedding):
-    """MONAI's ControlNet conditioning embedding with the reuse of :func:`reuse_controlnet_conditioning`."""
-
-
-def enable_conditioning_reuse(controlnet: torch.nn.Module) -> None:
-    """Let the ControlNet's conditioning embedding take part in :func:`reuse_controlnet_conditioning`.
-
-    The module's class becomes a subclass with a caching ``forward`` (for MONAI's own embedding class an
-    importable one, so the network still pickles); parameters and state-dict keys stay.
+    It runs at full image resolution and does not depend on the timestep, so a denoising loop computes
+    it once and passes it to :func:`controlnet_residuals` at every step.
     """
-    emb = controlnet.controlnet_cond_embedding
-    if isinstance(emb, _ReusedConditioningEmbedding):
-        return
-    if type(emb) is ControlNetConditioningEmbedding:
-        emb.__class__ = ReusedControlNetConditioningEmbedding
-    else:  # another embedding class: a subclass made here (not picklable by name)
-        emb.__class__ = type(f"Reused{type(emb).__name__}", (_ReusedConditioningEmbedding, type(emb)), {})
+    return controlnet.controlnet_cond_embedding(control)
 
 
-@contextmanager
-def reuse_controlnet_conditioning() -> Iterator[None]:
-    """Within this block (in this thread or task only), embed each ControlNet conditioning tensor once.
+def controlnet_residuals(
+    controlnet: torch.nn.Module,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    control_embedding: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ControlNet's residuals for the UNet, with the mask already embedded (:func:`embed_control`).
 
-    The caller promises not to modify a conditioning tensor in place inside the block; the cached
-    embeddings are dropped when it ends. Outside such a block, and whenever autograd is on, nothing is
-    cached.
+    The same steps, in the same order, as MONAI's ``ControlNetMaisi.forward``, which embeds the mask
+    itself on every call; the network is used as it is, never modified. Bit-identical to that forward
+    (``tests/test_pipeline.py``).
     """
-    token = _COND_CACHE.set({})
-    try:
-        yield
-    finally:
-        _COND_CACHE.reset(token)
+    emb = controlnet._prepare_time_and_class_embedding(x, timesteps, class_labels)
+    h = controlnet._apply_initial_convolution(x)
+    h = h + control_embedding
+    down, h = controlnet._apply_down_blocks(emb, None, h)
+    h = controlnet._apply_mid_block(emb, None, h)
+    down, mid = controlnet._apply_controlnet_blocks(h, down)
+    return [d * conditioning_scale for d in down], mid * conditioning_scale
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -149,6 +123,30 @@ def set_vae_num_splits(vae: AutoencoderKlMaisi, num_splits: int) -> None:
     for module in vae.modules():
         if isinstance(module, MaisiConvolution):
             module.num_splits = int(num_splits)
+
+
+@contextmanager
+def vae_decode_settings(vae: AutoencoderKlMaisi, *, num_splits: int, norm_float16: bool) -> Iterator[None]:
+    """Within this block the VAE uses ``num_splits`` and ``norm_float16``; afterwards its own values again.
+
+    A pipeline applies its decode settings this way at each decode, so a VAE shared with another
+    pipeline (or a training run) keeps the settings its owner gave it.
+    """
+    if num_splits < 1:
+        raise ConfigError(f"vae_decode_settings expects num_splits >= 1, but got num_splits={num_splits}.")
+    saved = [(m, m.num_splits) for m in vae.modules() if isinstance(m, MaisiConvolution)]
+    norms = [(m, m.norm_float16) for m in vae.modules() if isinstance(m, MaisiGroupNorm3D)]
+    try:
+        for module, _ in saved:
+            module.num_splits = int(num_splits)
+        for module, _ in norms:
+            module.norm_float16 = bool(norm_float16)
+        yield
+    finally:
+        for module, value in saved:
+            module.num_splits = value
+        for module, value in norms:
+            module.norm_float16 = value
 
 
 def set_vae_norm_float16(vae: AutoencoderKlMaisi, enabled: bool) -> None:

@@ -42,10 +42,9 @@ from maisi_core.networks import (
     build_controlnet,
     build_unet,
     build_vae,
-    enable_conditioning_reuse,
-    reuse_controlnet_conditioning,
-    set_vae_norm_float16,
-    set_vae_num_splits,
+    controlnet_residuals,
+    embed_control,
+    vae_decode_settings,
 )
 from maisi_core.schedulers import TimestepPlan, build_scheduler, plan_timesteps, scheduler_step
 
@@ -171,18 +170,13 @@ class MaisiPipeline:
                 "Use 'fp32' or 'bf16' on a CPU."
             )
         self.config = config
-        self.vae, self.unet, self.controlnet = vae, unet, controlnet
-        enable_conditioning_reuse(controlnet)  # denoise embeds the mask once per loop
+        self.vae, self.unet, self.controlnet = vae, unet, controlnet  # used as given, never modified
         self.device = device
         self.precision = precision
         self.scheduler = build_scheduler(config.scheduler)
         self.scale_factor = float(config.scale_factor if scale_factor is None else scale_factor)
         self.model_digest = model_digest
         self.decode_preset = decode_preset
-        if device.type != "meta":  # networks shared with another pipeline may carry its split count
-            set_vae_num_splits(self.vae, decode_preset.num_splits if decode_preset else config.vae.num_splits)
-        # fp16 group-norm outputs (the released setting) only work under CUDA autocast
-        set_vae_norm_float16(self.vae, config.vae.norm_float16 and device.type == "cuda" and precision != "fp32")
 
     # ------------------------------------------------------------------ construction
 
@@ -464,12 +458,13 @@ class MaisiPipeline:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, control: torch.Tensor | None, cond: Conditioning):
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, control_embedding: torch.Tensor | None,
+                  cond: Conditioning):
         timesteps = t.reshape(1).to(self.device)
         down, mid = None, None
-        if control is not None:
-            down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=control,
-                                        class_labels=cond.class_labels)
+        if control_embedding is not None:
+            down, mid = controlnet_residuals(self.controlnet, x, timesteps, control_embedding=control_embedding,
+                                             class_labels=cond.class_labels)
         kwargs = {"spacing_tensor": cond.spacing, "down_block_additional_residuals": down,
                   "mid_block_additional_residual": mid}
         if cond.class_labels is not None:
@@ -495,13 +490,14 @@ class MaisiPipeline:
         """Step 6: the denoising loop, ControlNet → UNet → scheduler, for each timestep."""
         x = latents
         total = len(plan)
-        # the mask's embedding does not change with the timestep: compute it once for the whole loop
-        with self._autocast(), reuse_controlnet_conditioning():
+        with self._autocast():
+            # the mask's embedding does not depend on the timestep: computed once, passed to every step
+            emb = None if control is None else embed_control(self.controlnet, control)
+            uncond_emb = emb if uncond_control is None else embed_control(self.controlnet, uncond_control)
             for i, (t, t_next) in enumerate(zip(plan.timesteps, plan.next_timesteps, strict=True)):
-                out = self._velocity(x, t, control, cond)
+                out = self._velocity(x, t, emb, cond)
                 if guidance_scale and uncond_cond is not None:
-                    ctrl = uncond_control if uncond_control is not None else control
-                    out_u = self._velocity(x, t, ctrl, uncond_cond)
+                    out_u = self._velocity(x, t, uncond_emb, uncond_cond)
                     out = out_u + guidance_scale * (out - out_u)
                 x = scheduler_step(self.scheduler, out, t, t_next, x.float(), generator=generator)
                 if callback is not None:
@@ -514,12 +510,16 @@ class MaisiPipeline:
         roi = preset.roi_latent if preset else self.config.decode_roi_latent
         overlap = preset.overlap if preset else self.config.decode_overlap
         z = latents / self.scale_factor
+        num_splits = preset.num_splits if preset else self.config.vae.num_splits
+        # fp16 group-norm outputs (the released setting) only work under CUDA autocast
+        norm_float16 = self.config.vae.norm_float16 and self.device.type == "cuda" and self.precision != "fp32"
 
         def decode_fn(window: torch.Tensor) -> torch.Tensor:
             with self._autocast():
                 return self.vae.decode_stage_2_outputs(window).float()
 
-        return decode_latents(decode_fn, z, roi_latent=roi, overlap=overlap, output_device="cpu")
+        with vae_decode_settings(self.vae, num_splits=num_splits, norm_float16=norm_float16):
+            return decode_latents(decode_fn, z, roi_latent=roi, overlap=overlap, output_device="cpu")
 
     def postprocess(self, image: torch.Tensor, label_map: np.ndarray | None, modality: int | None = None) -> np.ndarray:
         """Step 8: map the VAE's [0, 1] output to intensities by modality code, as upstream does.

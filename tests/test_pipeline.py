@@ -263,70 +263,64 @@ def _count_embeddings(pipe):
     return calls, handle
 
 
-def test_conditioning_is_embedded_once_per_generate_and_output_unchanged(tiny_pipe, label_map, monkeypatch):
-    import contextlib
-
-    import maisi_core.pipeline as pipeline_module
-
+def test_conditioning_is_embedded_once_per_generate_and_output_unchanged(tiny_pipe, label_map):
+    """The mask's embedding is computed once per generate and passed to every step (3 steps, 1 embedding)."""
     calls, handle = _count_embeddings(tiny_pipe)
     try:
-        reused = tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3)
+        tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3)
         assert len(calls) == 1
         calls.clear()
-        monkeypatch.setattr(pipeline_module, "reuse_controlnet_conditioning", contextlib.nullcontext)
-        plain = tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3)
-        assert len(calls) == 3
+        tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=4, num_inference_steps=3, guidance_scale=1.5)
+        assert len(calls) == 1  # no tumour: the unconditional branch reuses the same embedding
     finally:
         handle.remove()
-    np.testing.assert_array_equal(reused.image_hu, plain.image_hu)
 
 
-def test_conditioning_reuse_only_inside_the_block_and_without_autograd(tiny_pipe):
-    from maisi_core.networks import reuse_controlnet_conditioning
+def test_controlnet_residuals_equal_monai_forward_bit_for_bit(tiny_pipe):
+    """The explicit-embedding path runs MONAI's ControlNet steps unchanged: identical residuals."""
+    from maisi_core.networks import controlnet_residuals, embed_control
 
-    emb = tiny_pipe.controlnet.controlnet_cond_embedding
-    calls, handle = _count_embeddings(tiny_pipe)
-    cond, other = torch.zeros(1, 8, 16, 16, 16), torch.ones(1, 8, 16, 16, 16)
-    try:
-        with torch.no_grad():
-            emb(cond), emb(cond)
-            assert len(calls) == 2  # outside the block: no caching
-            with reuse_controlnet_conditioning():
-                first = emb(cond)
-                assert emb(cond) is first and len(calls) == 3
-                assert emb(other) is not first and len(calls) == 4  # another tensor: its own entry
-                assert emb(cond) is first and len(calls) == 4
-            emb(cond)
-            assert len(calls) == 5  # the block's cache is gone
-        with reuse_controlnet_conditioning():
-            emb(cond), emb(cond)
-        assert len(calls) == 7  # autograd on (training): never cached
-    finally:
-        handle.remove()
-    assert set(tiny_pipe.controlnet.state_dict()) == set(
-        MaisiPipeline.from_config(presets.tiny(), device="cpu").controlnet.state_dict())
+    _randomize(tiny_pipe.controlnet, 3)
+    gen = torch.Generator().manual_seed(0)
+    x, control = torch.randn(1, 4, 8, 8, 8, generator=gen), torch.rand(1, 8, 32, 32, 32, generator=gen)
+    t, labels_ = torch.tensor([500.0]), torch.tensor([1])
+    with torch.no_grad():
+        down, mid = tiny_pipe.controlnet(x=x, timesteps=t, controlnet_cond=control, class_labels=labels_)
+        down2, mid2 = controlnet_residuals(tiny_pipe.controlnet, x, t, class_labels=labels_,
+                                           control_embedding=embed_control(tiny_pipe.controlnet, control))
+    assert len(down) == len(down2) and all(torch.equal(a, b) for a, b in zip(down, down2, strict=True))
+    assert torch.equal(mid, mid2)
 
 
-def test_controlnet_with_conditioning_reuse_still_pickles(tiny_pipe):
-    import pickle
-
-    copy = pickle.loads(pickle.dumps(tiny_pipe.controlnet))
-    assert type(copy.controlnet_cond_embedding) is type(tiny_pipe.controlnet.controlnet_cond_embedding)
-    assert torch.equal(copy.controlnet_cond_embedding.conv_in.conv.weight,
-                       tiny_pipe.controlnet.controlnet_cond_embedding.conv_in.conv.weight)
-
-
-def test_pipeline_sharing_networks_sets_its_own_vae_split_count():
+def test_the_pipeline_leaves_its_networks_as_given():
+    """Issue 13: building a pipeline swapped the ControlNet's embedding class and set the VAE's split count."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
 
     from maisi_core.decoding import get_decode_preset
 
-    first = MaisiPipeline.from_config(presets.tiny(), device="cpu", decode_preset="24g")
+    first = MaisiPipeline.from_config(presets.tiny(), device="cpu")
+    cls = type(first.controlnet.controlnet_cond_embedding)
     splits = {m.num_splits for m in first.vae.modules() if isinstance(m, MaisiConvolution)}
-    assert splits == {get_decode_preset("24g").num_splits}
-    second = MaisiPipeline(first.config, first.vae, first.unet, first.controlnet, device=first.device)
-    splits = {m.num_splits for m in second.vae.modules() if isinstance(m, MaisiConvolution)}
-    assert splits == {first.config.vae.num_splits}
+    second = MaisiPipeline(first.config, first.vae, first.unet, first.controlnet, device=first.device,
+                           decode_preset=get_decode_preset("24g"))
+    assert type(second.controlnet.controlnet_cond_embedding) is cls and cls.__module__.startswith("monai.")
+    seen = []
+    handle = second.vae.decoder.register_forward_pre_hook(lambda *a: seen.append(
+        {m.num_splits for m in second.vae.modules() if isinstance(m, MaisiConvolution)}))
+    try:
+        second.decode(torch.zeros(1, 4, 8, 8, 8))
+    finally:
+        handle.remove()
+    assert seen == [{get_decode_preset("24g").num_splits}]  # the preset applies inside decode ...
+    assert {m.num_splits for m in first.vae.modules() if isinstance(m, MaisiConvolution)} == splits  # ... only
+
+
+def test_controlnet_still_pickles_after_generation(tiny_pipe, label_map):
+    import pickle
+
+    tiny_pipe.generate(label_map, spacing_mm=(8.0, 8.0, 8.0), seed=1, num_inference_steps=1)
+    copy = pickle.loads(pickle.dumps(tiny_pipe.controlnet))
+    assert type(copy.controlnet_cond_embedding) is type(tiny_pipe.controlnet.controlnet_cond_embedding)
 
 
 def test_an_affine_contradicting_spacing_is_refused(tiny_pipe, label_map):

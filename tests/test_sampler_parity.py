@@ -49,23 +49,29 @@ def test_guidance_without_a_tumour_runs_with_the_same_mask(tiny_pipe, label_map)
     assert guided.image_hu.shape == (32, 32, 32) and np.isfinite(guided.image_hu).all()
 
 
-def test_guidance_denoise_runs_the_unconditional_branch_with_class_zero_and_no_tumour(tiny_pipe, label_map):
+def test_guidance_denoise_runs_the_unconditional_branch_with_class_zero_and_no_tumour(tiny_pipe, label_map,
+                                                                                      monkeypatch):
+    import maisi_core.pipeline as pipeline_module
+
     lm = _with_tumour(label_map)
-    seen = []
-    original = tiny_pipe.controlnet.forward
+    embedded, steps = [], []
+    embed, residuals = pipeline_module.embed_control, pipeline_module.controlnet_residuals
 
-    def spy(*args, **kwargs):
-        cond = kwargs["controlnet_cond"]
-        seen.append((int(kwargs["class_labels"][0]), int(cond[0, 1, 9, 9, 9]), int(cond[0, 3, 9, 9, 9])))
-        return original(*args, **kwargs)
+    def spy_embed(controlnet, control):
+        embedded.append((int(control[0, 1, 9, 9, 9]), int(control[0, 3, 9, 9, 9])))  # 26: bits 1, 3 and 4
+        out = embed(controlnet, control)
+        out.tag = len(embedded) - 1  # which mask this embedding came from
+        return out
 
-    tiny_pipe.controlnet.forward = spy
-    try:
-        tiny_pipe.generate(lm, spacing_mm=SPACING, seed=0, num_inference_steps=2, guidance_scale=2.0)
-    finally:
-        del tiny_pipe.controlnet.forward
-    # 26 = bits 1, 3 and 4; liver 1 = bit 0 only
-    assert seen == [(1, 1, 1), (0, 0, 0)] * 2
+    def spy_residuals(controlnet, x, timesteps, *, control_embedding, class_labels=None):
+        steps.append((int(class_labels[0]), control_embedding.tag))
+        return residuals(controlnet, x, timesteps, control_embedding=control_embedding, class_labels=class_labels)
+
+    monkeypatch.setattr(pipeline_module, "embed_control", spy_embed)
+    monkeypatch.setattr(pipeline_module, "controlnet_residuals", spy_residuals)
+    tiny_pipe.generate(lm, spacing_mm=SPACING, seed=0, num_inference_steps=2, guidance_scale=2.0)
+    assert embedded == [(1, 1), (0, 0)]  # the tumour mask, then the same mask with the tumour removed: once each
+    assert steps == [(1, 0), (0, 1)] * 2  # per step: CT class with the tumour mask, class 0 without it
 
 
 def test_guidance_on_a_body_region_model_drops_only_the_tumours(label_map):
