@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import random
 import time
@@ -32,22 +31,20 @@ from deltalake.transaction import Transaction
 
 from catalog import fs as _fs
 from catalog import log as _log
+from catalog import rows as _rows
 from catalog.errors import (
     CatalogError,
     CatalogNotFoundError,
     CatalogReadError,
     CommitConflictError,
     RecordError,
-    RecordExistsError,
     describe_cause,
 )
 from catalog.schema import (
     DATASETS_SCHEMA,
     SAMPLES_SCHEMA,
     SCHEMA_VERSION,
-    VOLATILE_COLUMNS,
     SampleRecord,
-    check_sample_row,
     conform_table,
     rows_to_table,
     utc_now,
@@ -64,8 +61,6 @@ _SCHEMAS = {"samples": SAMPLES_SCHEMA, "datasets": DATASETS_SCHEMA}
 # Exactly-once commits: a commit of sample_ids carries the app ids of their buckets (see module doc).
 # 4096 buckets keep the table state small (one txn entry per bucket, not per row) while two concurrent
 # commits of a few new sample_ids each rarely share a bucket by chance (that only costs a retry).
-APP_ID_PREFIX = "ctfactory.samples/"
-APP_ID_BUCKETS = 4096
 COMMIT_ATTEMPTS = 8
 COMMIT_BACKOFF_S = 0.05  # first retry waits up to this long (jittered); doubles per attempt
 COMMIT_BACKOFF_MAX_S = 1.0
@@ -217,7 +212,7 @@ class Catalog:
             RecordExistsError: When a sample_id is committed already with different content.
             CommitConflictError: When every attempt conflicted with concurrent writers.
         """
-        new = _sample_table(records)
+        new = _rows.sample_table(records)
         return self._retry_commits("append_samples", lambda: self._append_new_rows(new, commit_metadata))
 
     def _append_new_rows(self, new: pa.Table, commit_metadata: Mapping[str, Any] | None) -> int:
@@ -225,13 +220,13 @@ class Catalog:
         table = self._open_or_none("samples")
         if table is not None:
             with self.reading("samples"):
-                new = _drop_committed(table, new)
+                new = _rows.drop_committed(table, new)
             if new.num_rows == 0:
                 logger.info("append_samples: every row is committed already; no new version")
                 return table.version()
         read_version = -1 if table is None else table.version()
         txns = [Transaction(app_id=a, version=read_version + 1, last_updated=int(time.time() * 1000))
-                for a in sample_app_ids(new["sample_id"].to_pylist())]
+                for a in _rows.sample_app_ids(new["sample_id"].to_pylist())]
         if table is not None:
             return self._commit("samples", new, "append_samples", commit_metadata, table=table,
                                 app_transactions=txns)
@@ -277,7 +272,7 @@ class Catalog:
         Returns:
             The table version holding the rows.
         """
-        new = _sample_table(records)
+        new = _rows.sample_table(records)
 
         def attempt() -> int:
             table = self._open_or_none("samples")
@@ -295,7 +290,7 @@ class Catalog:
                 return self.delta_table("samples").version()
             keep = new.filter(pc.field("sample_id").isin(failed))
             txns = [Transaction(app_id=a, version=table.version() + 1, last_updated=int(time.time() * 1000))
-                    for a in sample_app_ids(failed)]
+                    for a in _rows.sample_app_ids(failed)]
             listed = ", ".join("'" + sid.replace("'", "''") + "'" for sid in failed)
             return self._commit("samples", keep, "replace_failed_samples", commit_metadata, table=table,
                                 mode="overwrite", predicate=f"sample_id IN ({listed})", app_transactions=txns)
@@ -350,12 +345,12 @@ class Catalog:
 
     def duplicate_sample_ids(self, *, as_of: int | None = None) -> dict[str, int]:
         """Return ``{sample_id: row count}`` for every sample_id with more than one row at ``as_of``."""
-        return _repeated(self.read_table("samples", as_of=as_of, columns=["sample_id"]))
+        return _rows.repeated_ids(self.read_table("samples", as_of=as_of, columns=["sample_id"]))
 
     def _earliest_rows_of_duplicates(self, table: DeltaTable) -> pa.Table | None:
         with self.reading("samples"):
             dataset = table.to_pyarrow_dataset()
-            repeated = list(_repeated(dataset.to_table(columns=["sample_id"])))
+            repeated = list(_rows.repeated_ids(dataset.to_table(columns=["sample_id"])))
             if not repeated:
                 return None
             rows = dataset.to_table(columns=[*dataset.schema.names, "__filename"],
@@ -467,75 +462,3 @@ class Catalog:
 
 class _TableCreatedConcurrently(Exception):
     """Another writer created the samples table between our read and our commit (retried)."""
-
-
-def sample_app_ids(sample_ids: Iterable[str]) -> list[str]:
-    """Return the Delta app ids a commit of ``sample_ids`` carries: one per bucket of sample_id hashes.
-
-    Two commits holding the same sample_id always share its app id, so Delta refuses the second.
-    """
-    buckets = {int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=4).digest(), "big") % APP_ID_BUCKETS
-               for sid in sample_ids}
-    return [f"{APP_ID_PREFIX}{b:04d}" for b in sorted(buckets)]
-
-
-def _drop_committed(table: DeltaTable, new: pa.Table) -> pa.Table:
-    """Return ``new`` without rows already committed with the same content; raise on changed content."""
-    ids = new["sample_id"].to_pylist()
-    dataset = table.to_pyarrow_dataset(file_pruning_predicate=[("sample_id", "in", ids)])
-    existing = conform_table(dataset.to_table(filter=pc.field("sample_id").isin(ids)), SAMPLES_SCHEMA)
-    if existing.num_rows == 0:
-        return new
-    compare = [c for c in new.column_names if c not in VOLATILE_COLUMNS]
-    stored = {r["sample_id"]: r for r in _comparable(existing.select(compare))}
-    keep = []
-    for row in _comparable(new.select(compare)):
-        old = stored.get(row["sample_id"])
-        if old is not None and old != row:
-            diff = sorted(k for k in row if old.get(k) != row[k])
-            raise RecordExistsError(
-                f"append_samples expects committed sample_ids to keep their content, but got "
-                f"sample_id={row['sample_id']!r} with different {', '.join(diff)}. "
-                f"Rows are append-only; use a new sample_id (e.g. a new attempt)."
-            )
-        keep.append(old is None)
-    return new.filter(pa.array(keep, type=pa.bool_()))
-
-
-def _repeated(ids: pa.Table) -> dict[str, int]:
-    """Return ``{sample_id: count}`` for the sample_ids that occur more than once in ``ids``."""
-    counts = ids.group_by("sample_id").aggregate([("sample_id", "count")])
-    counts = counts.filter(pc.greater(counts["sample_id_count"], 1))
-    return dict(zip(counts["sample_id"].to_pylist(), counts["sample_id_count"].to_pylist(), strict=True))
-
-
-def _sample_table(records: Iterable[SampleRecord | Mapping[str, Any]]) -> pa.Table:
-    """Rows for a ``samples`` commit: stamped (created_at, schema_version), checked, unique, as a table."""
-    rows = [r.to_row() if isinstance(r, SampleRecord) else dict(r) for r in records]
-    for row in rows:
-        row.setdefault("created_at", utc_now())
-        row.setdefault("schema_version", SCHEMA_VERSION)
-        check_sample_row(row)
-    _check_unique([r["sample_id"] for r in rows])
-    return rows_to_table(rows, SAMPLES_SCHEMA)
-
-
-def _check_unique(ids: Sequence[str]) -> None:
-    seen: set[str] = set()
-    for sid in ids:
-        if sid in seen:
-            raise RecordError(
-                f"append_samples expects each sample_id once per batch, but got sample_id={sid!r} twice."
-            )
-        seen.add(sid)
-
-
-def _comparable(table: pa.Table) -> list[dict[str, Any]]:
-    """Return rows as dicts with map columns turned into dicts, so key order does not matter."""
-    rows = table.to_pylist()
-    maps = [f.name for f in table.schema if pa.types.is_map(f.type)]
-    for row in rows:
-        for name in maps:
-            if row[name] is not None:
-                row[name] = dict(row[name])
-    return rows

@@ -15,9 +15,10 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 from _catalog_cases import make_record
 
-from catalog import store
+from catalog import rows, store
 from catalog.errors import CatalogError, CommitConflictError, RecordExistsError
-from catalog.store import open_catalog, sample_app_ids
+from catalog.rows import sample_app_ids
+from catalog.store import open_catalog
 
 PROCESSES = 3
 TRIALS = 6  # half on an existing table, half racing to create it
@@ -92,7 +93,7 @@ def test_append_samples_racing_processes_on_s3_record_each_sample_id_once():
 
 def _commit_between_read_and_write(monkeypatch, root, other_records) -> list[int]:
     """Make another writer commit ``other_records`` right after the next append has read the table."""
-    original = store._drop_committed
+    original = rows.drop_committed
     versions: list[int] = []
 
     def drop_then_let_other_commit(table, new):
@@ -102,7 +103,7 @@ def _commit_between_read_and_write(monkeypatch, root, other_records) -> list[int
             versions[0] = open_catalog(root).append_samples(other_records)
         return kept
 
-    monkeypatch.setattr(store, "_drop_committed", drop_then_let_other_commit)
+    monkeypatch.setattr(rows, "drop_committed", drop_then_let_other_commit)
     return versions
 
 
@@ -188,4 +189,4 @@ def test_append_samples_commit_carries_app_ids_and_metadata(tmp_path):
     assert (entry["version"], entry["spec_id"], entry["ctfactory.rows"]) == (0, "s1", "3")
     assert entry["ctfactory.commit_id"]
     assert sample_app_ids(["case_0001", "case_0001"]) == sample_app_ids(["case_0001"])
-    assert all(a.startswith(store.APP_ID_PREFIX) for a in sample_app_ids(["x", "y"]))
+    assert all(a.startswith(rows.APP_ID_PREFIX) for a in sample_app_ids(["x", "y"]))
