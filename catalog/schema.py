@@ -97,6 +97,11 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# The fields a row takes unchanged from the case that made it (a ``factory.plan.CaseRequest`` has each).
+CASE_FIELDS: tuple[str, ...] = ("sample_id", "dataset", "dataset_version", "spec_id", "cohort", "case_index",
+                                "pathology", "output_size", "spacing_mm", "tumor_label")
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleRecord:
     """One generated case (or one failed attempt) as a row of the ``samples`` table.

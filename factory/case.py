@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from catalog.root import DatasetRoot
-from catalog.schema import SampleRecord
+from catalog.schema import CASE_FIELDS, SampleRecord
 from factory.errors import CaseInputError
 from factory.plan import CaseRequest, attempt_seed, derive_seed
 from factory.spec import FolderMasks, GeneratorMasks, UserMasks
@@ -274,11 +274,9 @@ def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
 def _record(request: CaseRequest, generator: CaseGenerator, *, seed: int, attempt: int, code_version: str,
             tumor_size_mm: float | None = None, cpu_threads: int | None = None, **fields: Any) -> SampleRecord:
     return SampleRecord(
-        sample_id=request.sample_id, dataset=request.dataset, dataset_version=request.dataset_version,
-        spec_id=request.spec_id, cohort=request.cohort, case_index=request.case_index, seed=seed, attempt=attempt,
+        **{name: getattr(request, name) for name in CASE_FIELDS}, seed=seed, attempt=attempt,
         model_name=generator.model_name, model_digest=generator.model_digest, code_version=code_version,
-        body_region=request.region_name, pathology=request.pathology, output_size=request.output_size,
-        spacing_mm=request.spacing_mm, tumor_label=request.tumor_label, tumor_size_mm=tumor_size_mm,
+        body_region=request.region_name, tumor_size_mm=tumor_size_mm,
         device=generator.device, precision=str(getattr(generator, "precision", "")), cpu_threads=cpu_threads,
         **fields,
     )
