@@ -7,38 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from _specs import UNREACHABLE_QC, tiny_spec
 from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from factory.case import SleepGenerator, get_generator, run_case
 from flows.generate import commit_records, find_committed, generate_case, run_generate
 from factory.plan import plan_dataset
-from factory.spec import parse_spec
 
 torch.set_num_threads(1)
 
-SPEC = """\
-name: tinyset
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 11
-cohorts:
-  - name: chest
-    count: 2
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{organ_hu_check: false}}
-runtime: {{batch_size: 1}}
-"""
 
-def _spec(root, **replace):
-    text = SPEC.format(root=root)
-    for old, new in replace.items():
-        text = text.replace(old, new)
-    return parse_spec(text)
+def _spec(root, **changes):
+    """The tinyset spec: two chest cases of 2 steps, one commit per case; ``changes`` as in ``tiny_spec``."""
+    return tiny_spec(root, **{"name": "tinyset", "seed": 11, "cohort": "chest", "count": 2, "steps": 2,
+                              "runtime": "{batch_size: 1}", **changes})
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -60,7 +43,7 @@ def test_run_case_passes_and_writes_files(tmp_path):
 
 
 def test_run_case_records_the_placed_tumour_diameter(tmp_path):
-    spec = _spec(tmp_path, **{"    qc: {{organ_hu_check: false}}".format(): "    pathology: {type: lung_tumor, size_mm: [20, 40]}\n    qc: {organ_hu_check: false}"})
+    spec = _spec(tmp_path, pathology="{type: lung_tumor, size_mm: [20, 40]}")
     request = plan_dataset(spec).cases[0]
     record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert record.status == "passed" and record.tumor_label == 23
@@ -84,7 +67,7 @@ def test_run_case_orphan_files_kept_or_replaced(tmp_path):
 
 
 def test_run_case_qc_failure_records_reason_and_writes_nothing(tmp_path):
-    spec = _spec(tmp_path, **{"qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
+    spec = _spec(tmp_path, qc=UNREACHABLE_QC)
     request = plan_dataset(spec).cases[0]
     record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     assert (record.status, record.qc_pass, record.attempt) == ("failed", False, 1)
@@ -98,7 +81,7 @@ def test_run_case_qc_failure_records_reason_and_writes_nothing(tmp_path):
 def test_run_case_mask_failure_retries_then_fails(tmp_path):
     from maisi_core.errors import TumorPlacementError
 
-    spec = _spec(tmp_path, **{"body_region: chest": "body_region: chest\n    pathology: {type: lung_tumor, size_mm: [5, 9]}"})
+    spec = _spec(tmp_path, pathology="{type: lung_tumor, size_mm: [5, 9]}")
     request = plan_dataset(spec).cases[0]
 
     def no_mask(req, seed):
@@ -169,7 +152,7 @@ def validate_calls(monkeypatch):
 
 
 def test_flow_rerun_with_nothing_new_reuses_the_recorded_metrics(prefect_backend, tmp_path, validate_calls):
-    spec = _spec(tmp_path / "ds", **{"runtime: {batch_size: 1}": 'runtime: {batch_size: 1, generator: "sleep:0"}'})
+    spec = _spec(tmp_path / "ds", runtime='{batch_size: 1, generator: "sleep:0"}')
     first = run_generate(spec)
     assert validate_calls == [plan_dataset(spec).spec_id] and first["metrics"]["metric_n_generated"] == 2
 
@@ -196,7 +179,7 @@ def test_flow_run_settings_drop_the_heartbeat_only_for_the_ephemeral_api():
 
 def test_flow_resume_after_the_last_commit_still_validates_and_records(prefect_backend, tmp_path, validate_calls):
     """A run that crashed after committing every case but before its dataset row: the re-run completes it."""
-    spec = _spec(tmp_path / "ds", **{"runtime: {batch_size: 1}": 'runtime: {batch_size: 1, generator: "sleep:0"}'})
+    spec = _spec(tmp_path / "ds", runtime='{batch_size: 1, generator: "sleep:0"}')
     root = str(tmp_path / "ds")
     records = [generate_case.fn(c, root=DatasetRoot.of(root), generator="sleep:0", device="cpu",
                                 decode_preset=None, code_version="t") for c in plan_dataset(spec).cases]
@@ -208,8 +191,7 @@ def test_flow_resume_after_the_last_commit_still_validates_and_records(prefect_b
 
 
 def test_flow_qc_failure_recorded_not_published(prefect_backend, tmp_path):
-    spec = _spec(tmp_path / "ds", **{"count: 2": "count: 1",
-                                     "qc: {organ_hu_check: false}": "qc: {thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}"})
+    spec = _spec(tmp_path / "ds", count=1, qc=UNREACHABLE_QC)
     summary = run_generate(spec)
     assert (summary["n_passed"], summary["n_failed"]) == (0, 1)
     row = open_catalog(tmp_path / "ds").read_table().to_pylist()[0]

@@ -13,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from _child import child_env, flows_argv, wait_for
+from _specs import tiny_spec_text
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from factory.plan import plan_dataset
@@ -25,29 +26,11 @@ from factory.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
-RESUME_SPEC = """\
-name: resume
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 5
-cohorts:
-  - name: chest
-    count: 8
-    body_region: chest
-    output_size: [64, 64, 64]
-    spacing_mm: [5, 5, 5]
-    num_inference_steps: 4
-    qc: {{organ_hu_check: false}}
-runtime: {{batch_size: 2, max_workers: 1}}
-"""
 
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", **extra)
-    return env
+def _spec_text(root, **changes) -> str:
+    """Eight chest cases of 64³ at 5 mm, 4 steps, committed two at a time; ``changes`` as in ``tiny_spec_text``."""
+    return tiny_spec_text(root, **{"name": "resume", "seed": 5, "cohort": "chest", "count": 8, "size": 64,
+                                   "spacing": 5, "steps": 4, "runtime": "{batch_size: 2, max_workers: 1}", **changes})
 
 
 def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -55,28 +38,18 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.slow
 def test_run_killed_after_first_commit_resumes(tmp_path):
     root = tmp_path / "ds"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(RESUME_SPEC.format(root=root))
-    cmd = [sys.executable, "-m", "flows", "run", str(spec_file), "--no-progress"]
-    env = _env(tmp_path / "prefect")
+    spec_file.write_text(_spec_text(root))
+    cmd = flows_argv("run", spec_file, "--no-progress")
+    env = child_env(tmp_path / "prefect")
     first_log = (tmp_path / "run1.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(lambda: (root / "catalog/samples/_delta_log/00000000000000000000.json").exists(), 180,
-                  "the first batch commit")
+        wait_for(lambda: (root / "catalog/samples/_delta_log/00000000000000000000.json").exists(), 180,
+                 "the first batch commit", interval=0.05)
     finally:
         _kill_group(proc)
         proc.wait(30)
@@ -112,12 +85,11 @@ def test_serve_and_submit_against_prefect_server(tmp_path):
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = _env(tmp_path / "prefect", PREFECT_API_URL=api)
+    env = child_env(tmp_path / "prefect", PREFECT_API_URL=api)
     specs = tmp_path / "specs"
     specs.mkdir()
-    spec_text = RESUME_SPEC.format(root=tmp_path / "served").replace("count: 8", "count: 2").replace(
-        "[64, 64, 64]", "[32, 32, 32]").replace("[5, 5, 5]", "[8, 8, 8]").replace("name: resume", "name: nightly")
-    (specs / "nightly.yaml").write_text(spec_text + "schedule: {cron: '0 2 * * *'}\n")
+    (specs / "nightly.yaml").write_text(_spec_text(tmp_path / "served", name="nightly", count=2, size=32, spacing=8,
+                                                   extra="schedule: {cron: '0 2 * * *'}\n"))
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server", "serve")}
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                                str(port), "--no-ui"], env=env, stdout=logs["server"], stderr=subprocess.STDOUT,
@@ -129,23 +101,23 @@ def test_serve_and_submit_against_prefect_server(tmp_path):
                 return httpx.get(f"{api}/health", timeout=2).status_code == 200
             return False
 
-        _wait_for(healthy, 120, "the Prefect server", interval=0.5)
-        serve = subprocess.Popen([sys.executable, "-m", "flows", "serve", str(specs)], cwd=REPO, env=env,
+        wait_for(healthy, 120, "the Prefect server", interval=0.5)
+        serve = subprocess.Popen(flows_argv("serve", specs), cwd=REPO, env=env,
                                  stdout=logs["serve"], stderr=subprocess.STDOUT, start_new_session=True)
 
         def deployments():
             r = httpx.post(f"{api}/deployments/filter", json={}, timeout=5)
             return {d["name"]: d for d in r.json()} if r.status_code == 200 else {}
 
-        found = _wait_for(lambda: (d := deployments()) and {"adhoc", "nightly"} <= set(d) and d, 120,
-                          "the served deployments", interval=0.5)
+        found = wait_for(lambda: (d := deployments()) and {"adhoc", "nightly"} <= set(d) and d, 120,
+                         "the served deployments", interval=0.5)
         schedules = found["nightly"]["schedules"]
         assert [s["schedule"]["cron"] for s in schedules] == ["0 2 * * *"]
 
         out = tmp_path / "submitted"
         spec_file = specs / "nightly.yaml"
-        sub = subprocess.run([sys.executable, "-m", "flows", "submit", str(spec_file), "--out", str(out)], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=120)
+        sub = subprocess.run(flows_argv("submit", spec_file, "--out", out), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
         assert sub.returncode == 0, sub.stdout + sub.stderr
         run_id = sub.stdout.strip().splitlines()[-1]
 
@@ -153,7 +125,7 @@ def test_serve_and_submit_against_prefect_server(tmp_path):
             state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5).json()["state"]["type"]
             return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        assert _wait_for(finished, 240, "the submitted run", interval=1.0) == "COMPLETED"
+        assert wait_for(finished, 240, "the submitted run", interval=1.0) == "COMPLETED"
         rows = open_catalog(out).read_table().to_pylist()
         assert len(rows) == 2 and {r["status"] for r in rows} == {"passed"}
     finally:

@@ -8,23 +8,15 @@ from importlib.metadata import EntryPoint
 import pytest
 
 import factory.case
+from _specs import tiny_spec_text
 from factory.case import SleepGenerator, check_generator_name, get_generator
 from factory.errors import ModelRefError, SpecError
 from factory.spec import parse_spec
 
-SPEC = """\
-name: reg
-version: "1"
-model: preset:tiny
-output_root: {root}
-cohorts:
-  - name: c
-    count: 1
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-runtime: {{generator: "{generator}"}}
-"""
+
+def _spec_text(root, generator: str) -> str:
+    """A one-case spec naming ``generator`` (default QC settings)."""
+    return tiny_spec_text(root, name="reg", qc=None, runtime=f'{{generator: "{generator}"}}')
 
 
 def make_test_generator(model_ref, device, decode_preset):
@@ -40,7 +32,7 @@ def test_a_spec_naming_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match=r"runtime\.generator expects one of \['maisi', "
                                         r"'sleep:SECONDS'\], but got generator='shutil:rmtree'\. A spec names a "
                                         r"registered generator, never code"):
-        parse_spec(SPEC.format(root=tmp_path / "out", generator="shutil:rmtree"))
+        parse_spec(_spec_text(tmp_path / "out", "shutil:rmtree"))
     with pytest.raises(ModelRefError, match=r"but got generator='shutil:rmtree'"):
         get_generator("shutil:rmtree", str(victim))
     assert called == [] and victim.is_dir()
@@ -56,13 +48,13 @@ def test_generator_names_outside_the_registry_are_refused(name):
 def test_builtin_names_pass():
     assert check_generator_name("maisi") == "maisi"
     assert check_generator_name("sleep:0.5") == "sleep:0.5"
-    assert parse_spec(SPEC.format(root="/tmp/x", generator="sleep:0")).runtime.generator == "sleep:0"
+    assert parse_spec(_spec_text("/tmp/x", "sleep:0")).runtime.generator == "sleep:0"
 
 
 def test_a_registered_entry_point_generator_is_allowed(monkeypatch):
     ep = EntryPoint(name="stub", value="test_generator_registry:make_test_generator", group="ctfactory.generators")
     monkeypatch.setattr(factory.case, "registered_generators", lambda: {"stub": ep})
-    assert parse_spec(SPEC.format(root="/tmp/x", generator="stub")).runtime.generator == "stub"
+    assert parse_spec(_spec_text("/tmp/x", "stub")).runtime.generator == "stub"
     gen = get_generator("stub", "preset:tiny")
     assert isinstance(gen, SleepGenerator)
     with pytest.raises(ModelRefError, match=r"expects one of \['maisi', 'sleep:SECONDS', 'stub'\], but got "

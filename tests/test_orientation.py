@@ -7,27 +7,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from factory.case import GeneratedVolume, run_case
 from factory.plan import CaseRequest, plan_dataset
-from factory.spec import parse_spec
 from maisi_core.intensity import synthesize_ct
-
-SPEC = """\
-name: handed
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 3
-cohorts:
-  - name: abdomen
-    count: 1
-    body_region: abdomen
-    output_size: [48, 48, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{organ_hu_check: false}}
-"""
 
 
 class IntensityGenerator:
@@ -52,7 +36,9 @@ def _world_x(label_map: np.ndarray, affine: np.ndarray, ids) -> float:
 
 
 def test_run_case_writes_image_and_label_with_the_masks_handedness(tmp_path):
-    request = plan_dataset(parse_spec(SPEC.format(root=tmp_path))).cases[0]
+    spec = tiny_spec(tmp_path, name="handed", seed=3, cohort="abdomen", body_region="abdomen", size=(48, 48, 32),
+                     steps=2)
+    request = plan_dataset(spec).cases[0]
     generator = IntensityGenerator()
     record = run_case(request, generator, root=DatasetRoot.of(tmp_path))
     assert record.status == "passed", record.failure_reason

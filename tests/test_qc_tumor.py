@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from maisi_core import qc
 from maisi_core.errors import QCConfigError
@@ -151,24 +152,6 @@ def test_measure_tumor_returns_none_when_absent():
 
 # ---------------------------------------------------------------------------------- the flow's per-case QC
 
-FLOW_SPEC = """\
-name: tumours
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 5
-cohorts:
-  - name: chest
-    count: 1
-    body_region: chest
-    pathology: {{type: lung_tumor, size_mm: [15, 30]}}
-    output_size: [48, 48, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{max_retries: 1{extra}}}
-"""
-
-
 class _IntensityGenerator:
     """The intensity model's CT of the mask, optionally with the tumour painted at lung HU."""
 
@@ -188,10 +171,13 @@ class _IntensityGenerator:
 
 
 def _request(tmp_path, extra=""):
+    """One chest case with a 15-30 mm lung tumour; QC with one retry, and ``extra`` settings (", key: value")."""
     from factory.plan import plan_dataset
-    from factory.spec import parse_spec
 
-    return plan_dataset(parse_spec(FLOW_SPEC.format(root=tmp_path, extra=extra))).cases[0]
+    spec = tiny_spec(tmp_path, name="tumours", seed=5, cohort="chest",
+                     pathology="{type: lung_tumor, size_mm: [15, 30]}", size=(48, 48, 32), steps=2,
+                     qc="{max_retries: 1" + extra + "}")
+    return plan_dataset(spec).cases[0]
 
 
 def test_flow_qc_options_pass_the_requested_range_for_placed_tumours(tmp_path):

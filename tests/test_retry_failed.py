@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from _specs import UNREACHABLE_QC, tiny_spec
 from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from factory.case import SleepGenerator, run_case
 from factory.plan import attempt_seed, plan_dataset
-from factory.spec import parse_spec
-
-SPEC = """\
-name: retry
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 4
-cohorts:
-  - name: c
-    count: 2
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {qc}
-runtime: {{device: cpu}}
-"""
 
 
 def _spec(root, qc="{organ_hu_check: false, max_retries: 1}"):
-    return parse_spec(SPEC.format(root=root, qc=qc))
+    return tiny_spec(root, name="retry", seed=4, count=2, steps=2, qc=qc, runtime="{device: cpu}")
 
 
 def test_a_failure_retried_on_later_seeds_replaces_its_row_and_keeps_history(tmp_path):
@@ -66,7 +49,7 @@ def test_a_failure_retried_on_later_seeds_replaces_its_row_and_keeps_history(tmp
 def test_run_retry_failed_through_the_flow(prefect_backend, tmp_path):
     from flows.generate import run_generate
 
-    spec = _spec(tmp_path / "ds", qc="{thresholds_hu: {lung: [3000, 3071]}, max_retries: 1}")
+    spec = _spec(tmp_path / "ds", qc=UNREACHABLE_QC)
     first = run_generate(spec)
     assert (first["n_failed"], first["generated"]) == (2, 2)
     cat = open_catalog(tmp_path / "ds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from factory.machine import MAX_AUTO_THREADS, resolved_threads
 from factory.spec import Runtime
@@ -34,22 +35,8 @@ def test_run_case_records_the_threads_and_a_rerun_with_other_threads_is_the_same
     from catalog.store import open_catalog
     from factory.case import SleepGenerator, run_case
     from factory.plan import plan_dataset
-    from factory.spec import parse_spec
 
-    spec = parse_spec(f"""\
-name: thr
-version: "1"
-model: preset:tiny
-output_root: {tmp_path}
-cohorts:
-  - name: c
-    count: 1
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    qc: {{organ_hu_check: false}}
-""")
-    request = plan_dataset(spec).cases[0]
+    request = plan_dataset(tiny_spec(tmp_path, name="thr")).cases[0]
     first = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), cpu_threads=1)
     again = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path), cpu_threads=4)
     assert (first.cpu_threads, again.cpu_threads) == (1, 4)

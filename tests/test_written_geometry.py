@@ -10,27 +10,15 @@ import numpy as np
 import pytest
 
 import maisi_core.io as mio
+from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from factory.case import SleepGenerator, run_case
 from factory.plan import plan_dataset
-from factory.spec import parse_spec
 from maisi_core.qc import check_written_geometry
 
 
 def _request(tmp_path, retries: int = 1):
-    spec = parse_spec(f"""\
-name: geo
-version: "1"
-model: preset:tiny
-output_root: {tmp_path}
-cohorts:
-  - name: c
-    count: 1
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    qc: {{organ_hu_check: false, max_retries: {retries}}}
-""")
+    spec = tiny_spec(tmp_path, name="geo", qc=f"{{organ_hu_check: false, max_retries: {retries}}}")
     return plan_dataset(spec).cases[0]
 
 

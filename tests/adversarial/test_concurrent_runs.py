@@ -8,45 +8,24 @@ tests/test_catalog_concurrency.py).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
+from _child import child_env, flows_argv
+from _specs import tiny_spec_text
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
-
-SPEC = """\
-name: twice
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 9
-cohorts:
-  - name: c
-    count: 4
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{organ_hu_check: false}}
-runtime: {{device: cpu, batch_size: 1}}
-"""
 
 
 @pytest.mark.slow
 def test_two_runs_of_one_spec_on_one_root_both_succeed(tmp_path):
     root = tmp_path / "ds"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(root=root))
-    runs = []
-    for k in range(2):
-        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect{k}"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "OMP_NUM_THREADS": "1"}
-        env.pop("PREFECT_API_URL", None)
-        runs.append(subprocess.Popen([sys.executable, "-m", "flows", "run", str(spec), "--no-progress"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    spec.write_text(tiny_spec_text(root, name="twice", seed=9, count=4, steps=2,
+                                   runtime="{device: cpu, batch_size: 1}"))
+    runs = [subprocess.Popen(flows_argv("run", spec, "--no-progress"), env=child_env(tmp_path / f"prefect{k}"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (out, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]

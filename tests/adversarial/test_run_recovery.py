@@ -8,33 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _specs import tiny_spec
 from catalog.report import build_report_html
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from flows.generate import run_generate
-from factory.spec import parse_spec
-
-SPEC = """\
-name: lost
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 5
-cohorts:
-  - name: c
-    count: 2
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{organ_hu_check: false}}
-runtime: {{device: cpu}}
-"""
 
 
 def test_deleted_image_is_regenerated_bit_identically_and_recorded_once(prefect_backend, tmp_path):
     root = tmp_path / "ds"
-    spec = parse_spec(SPEC.format(root=root))
+    spec = tiny_spec(root, name="lost", seed=5, count=2, steps=2, runtime="{device: cpu}")
     first = run_generate(spec)
     assert first["n_passed"] == 2
     cat = open_catalog(root)

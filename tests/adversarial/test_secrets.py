@@ -9,14 +9,14 @@ behind: the Prefect home (database, logs), stdout/stderr and every object writte
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from _child import child_env, flows_argv
+from _specs import tiny_spec_text
 from flows.cli import main
 from factory.errors import FactoryError
 from flows.secrets import (
@@ -29,22 +29,6 @@ from flows.secrets import (
 )
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
-SPEC = """\
-name: canary
-version: "1"
-model: preset:tiny
-output_root: {out}
-seed: 3
-cohorts:
-  - name: c
-    count: 1
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 2
-    qc: {{organ_hu_check: false}}
-runtime: {{device: cpu}}
-"""
 
 
 def test_split_keeps_credentials_out_of_the_public_options():
@@ -116,15 +100,14 @@ def test_canary_secret_never_persists_anywhere(tmp_path):
     prefect_home = tmp_path / "prefect"
     spec = tmp_path / "spec.yaml"
     with local_s3_server(bucket="canary") as s3:
-        spec.write_text(SPEC.format(out="s3://canary/ds"))
+        spec.write_text(tiny_spec_text("s3://canary/ds", name="canary", seed=3, steps=2, runtime="{device: cpu}"))
         options = {"AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": canary}
-        args = [sys.executable, "-m", "flows", "run", str(spec), "--no-progress"]
+        args = flows_argv("run", spec, "--no-progress")
         for key, value in options.items():
             args += ["--storage-option", f"{key}={value}"]
-        env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_LOGGING_LEVEL": "DEBUG"}  # log everything: no line may hold the canary
-        for key in ("PREFECT_API_URL", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+        env = child_env(prefect_home, PREFECT_LOGGING_LEVEL="DEBUG")  # log everything: no line may hold the canary
+        for key in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
             env.pop(key, None)
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -25,38 +25,20 @@ from pathlib import Path
 import psutil
 import pytest
 
+from _child import child_env, flows_argv, wait_for
+from _specs import tiny_spec_text
+
 REPO = Path(__file__).resolve().parents[2]
 LEFTOVER_TIMEOUT_S = 10.0
 """Seconds after the signal by which no process of the run's tree may be left."""
 
-# Cases of a 60 s sleep stub, one at a time: a case is always in flight when the signal arrives, and
-# no CPU goes to generation while the server starts.
-STUB_SPEC = """\
-name: lifetime
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: 3
-cohorts:
-  - name: stub
-    count: 4
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 1
-    qc: {{organ_hu_check: false, max_retries: 0}}
-runtime: {{batch_size: 1, max_workers: 1, generator: "sleep:60"}}
-"""
 
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def _stub_spec_text(root, count: int = 4, seconds: float = 60) -> str:
+    """Cases of a ``seconds`` sleep stub, one at a time: with 60 s a case is always in flight when the signal
+    arrives, and no CPU goes to generation while the server starts."""
+    return tiny_spec_text(root, name="lifetime", seed=3, cohort="stub", count=count, steps=1,
+                          qc="{organ_hu_check: false, max_retries: 0}",
+                          runtime=f'{{batch_size: 1, max_workers: 1, generator: "sleep:{seconds}"}}')
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -122,7 +104,7 @@ def test_watchdog_terminates_descendants_of_a_killed_process_only(tmp_path):
     watchdog = None
     try:
         assert parent.stdout.readline().strip() == "ready"
-        descendants = _wait_for(lambda: len(tree.snapshot()) == 2 and tree.snapshot(), 20, "child and grandchild")
+        descendants = wait_for(lambda: len(tree.snapshot()) == 2 and tree.snapshot(), 20, "child and grandchild")
         ct = psutil.Process(parent.pid).create_time()
         watchdog = subprocess.Popen([sys.executable, "-m", "flows.lifetime", str(parent.pid), repr(ct)], cwd=REPO,
                                     stderr=subprocess.PIPE, text=True)
@@ -130,7 +112,7 @@ def test_watchdog_terminates_descendants_of_a_killed_process_only(tmp_path):
         parent.kill()
         parent.wait(5)
         t0 = time.monotonic()
-        _wait_for(lambda: not any(_alive(p) for p in descendants), 8, "the orphaned descendants to be stopped")
+        wait_for(lambda: not any(_alive(p) for p in descendants), 8, "the orphaned descendants to be stopped")
         elapsed = time.monotonic() - t0
         assert watchdog.wait(5) == 0, watchdog.stderr.read()
         assert unrelated.poll() is None, "the watchdog must never signal a process outside the watched tree"
@@ -268,11 +250,10 @@ def test_grace_timer_ends_a_blocked_process_and_its_children():
 # -- slow tier: real ctfactory processes ------------------------------------------------------------------
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", PYTHONUNBUFFERED="1")
-    return env
+def _start(tmp_path: Path, log, *args: str | Path) -> subprocess.Popen:
+    """``python -m flows ARGS`` with its own ephemeral Prefect in ``tmp_path/prefect``, its output to ``log``."""
+    return subprocess.Popen(flows_argv(*args), cwd=REPO, env=child_env(tmp_path / "prefect", PYTHONUNBUFFERED="1"),
+                            stdout=log, stderr=subprocess.STDOUT)
 
 
 def _server_port(tree: Tree) -> int:
@@ -287,7 +268,7 @@ def _server_port(tree: Tree) -> int:
                 continue
         return None
 
-    return _wait_for(listening, 120, "the ephemeral Prefect server", interval=0.2)
+    return wait_for(listening, 120, "the ephemeral Prefect server", interval=0.2)
 
 
 def _api_post(port: int, path: str, body: dict) -> list[dict]:
@@ -323,17 +304,15 @@ def _signal_and_measure(proc: subprocess.Popen, tree: Tree, sig: int) -> tuple[i
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
 def test_run_signal_leaves_no_process_behind(tmp_path, sig, code):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(STUB_SPEC.format(root=tmp_path / "unused"))
+    spec.write_text(_stub_spec_text(tmp_path / "unused"))
     log = (tmp_path / "run.log").open("w")
     unrelated = _sleeper()
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "run", str(spec), "--out", str(tmp_path / "out"),
-                             "--no-progress"], cwd=REPO, env=_env(tmp_path / "prefect"), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = _start(tmp_path, log, "run", spec, "--out", tmp_path / "out", "--no-progress")
     tree = Tree(proc)
     try:
         port = _server_port(tree)
         running = {"task_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
-        _wait_for(lambda: _api_post(port, "task_runs/filter", running), 120, "a case in flight", interval=0.5)
+        wait_for(lambda: _api_post(port, "task_runs/filter", running), 120, "a case in flight", interval=0.5)
         got, exited, left = _signal_and_measure(proc, tree, sig)
         assert got == code and exited < LEFTOVER_TIMEOUT_S, (tmp_path / "run.log").read_text()[-3000:]
         assert not left, f"left behind {LEFTOVER_TIMEOUT_S} s after {signal.Signals(sig).name}: {left}"
@@ -350,17 +329,14 @@ def test_run_signal_leaves_no_process_behind(tmp_path, sig, code):
 def test_run_sigterm_between_short_cases_unwinds_through_prefect(tmp_path):
     """No long case in flight: Prefect records the crash, ``main`` returns 143 and ``atexit`` stops the server."""
     spec = tmp_path / "spec.yaml"
-    spec.write_text(STUB_SPEC.format(root=tmp_path / "unused").replace("count: 4", "count: 300").replace(
-        "sleep:60", "sleep:0.2"))
+    spec.write_text(_stub_spec_text(tmp_path / "unused", count=300, seconds=0.2))
     log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "run", str(spec), "--out", str(tmp_path / "out"),
-                             "--no-progress"], cwd=REPO, env=_env(tmp_path / "prefect"), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = _start(tmp_path, log, "run", spec, "--out", tmp_path / "out", "--no-progress")
     tree = Tree(proc)
     try:
         port = _server_port(tree)
         completed = {"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
-        _wait_for(lambda: _api_post(port, "task_runs/filter", completed), 120, "a finished case", interval=0.5)
+        wait_for(lambda: _api_post(port, "task_runs/filter", completed), 120, "a finished case", interval=0.5)
         got, exited, left = _signal_and_measure(proc, tree, signal.SIGTERM)
         text = (tmp_path / "run.log").read_text()
         assert got == 143 and exited < LEFTOVER_TIMEOUT_S, text[-3000:]
@@ -383,16 +359,15 @@ def test_serve_signal_leaves_no_process_behind(tmp_path, sig, codes):
     """
     specs = tmp_path / "specs"
     specs.mkdir()
-    (specs / "lifetime.yaml").write_text(STUB_SPEC.format(root=tmp_path / "served"))
+    (specs / "lifetime.yaml").write_text(_stub_spec_text(tmp_path / "served"))
     log = (tmp_path / "serve.log").open("w")
     unrelated = _sleeper()
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "serve", str(specs)], cwd=REPO,
-                            env=_env(tmp_path / "prefect"), stdout=log, stderr=subprocess.STDOUT)
+    proc = _start(tmp_path, log, "serve", specs)
     tree = Tree(proc)
     try:
         port = _server_port(tree)
-        _wait_for(lambda: len(_api_post(port, "deployments/filter", {})) >= 2, 120, "the served deployments",
-                  interval=0.5)
+        wait_for(lambda: len(_api_post(port, "deployments/filter", {})) >= 2, 120, "the served deployments",
+                 interval=0.5)
         got, exited, left = _signal_and_measure(proc, tree, sig)
         assert got in codes and exited < LEFTOVER_TIMEOUT_S, (tmp_path / "serve.log").read_text()[-3000:]
         assert not left, f"left behind {LEFTOVER_TIMEOUT_S} s after {signal.Signals(sig).name}: {left}"
