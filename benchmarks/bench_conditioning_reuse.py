@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import maisi_core.pipeline as pipeline_module  # noqa: E402
+import maisi_core.engine.pipeline as pipeline_module  # noqa: E402
 from maisi_core import MaisiPipeline  # noqa: E402
-from maisi_core.training_data import generate_phantom_case  # noqa: E402
+from maisi_core.training.data import generate_phantom_case  # noqa: E402
 
 
 def main() -> None:

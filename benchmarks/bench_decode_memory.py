@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from maisi_core.config import AutoencoderConfig
-from maisi_core.decoding import decode_latents
-from maisi_core.networks import build_vae, set_vae_num_splits
+from maisi_core.engine.config import AutoencoderConfig
+from maisi_core.engine.decoding import decode_latents
+from maisi_core.engine.networks import build_vae, set_vae_num_splits
 
 VAES = {
     # a mid-size VAE with the official layout (3 levels, x4 downsampling) that decodes quickly on a CPU

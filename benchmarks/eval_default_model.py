@@ -3,18 +3,18 @@
 For ``--cases`` masks drawn with phantom seeds ``--seed-base + i`` (never used in training: the training
 corpus uses seeds ``seed * 1_000_003 + i`` with i < 1000), the model generates one 64³ CT at 6 mm, and:
 
-(a) QC pass rate with :func:`maisi_core.qc.check_case`, every check on (organ HU, orientation, tumour
+(a) QC pass rate with :func:`maisi_core.evaluation.qc.check_case`, every check on (organ HU, orientation, tumour
     visibility and size, label-image agreement);
 (b) per-organ mean absolute error of generated organ median HU against the intensity model's organ medians
-    (:func:`maisi_core.intensity.tissue_hu_medians`), with the same error of the intensity model's own phantom
+    (:func:`maisi_core.anatomy.intensity.tissue_hu_medians`), with the same error of the intensity model's own phantom
     CTs of those masks as a floor (bone's reference, the cortex/cancellous midpoint, is a poor one);
-(c) the FRD-style Fréchet distance (radiomics features, :func:`maisi_core.frechet.compute_frechet`) of generated
+(c) the FRD-style Fréchet distance (radiomics features, :func:`maisi_core.evaluation.frechet.compute_frechet`) of generated
     volumes vs held-out phantom CTs (set A), next to two baselines measured in the same run: set A vs another
     held-out set B, and set A vs set A with Gaussian noise (sigma ``--noise-hu``).
 
 (d) on ``--tumor-cases`` further fresh masks that all hold a tumour (lung, hepatic, pancreatic: the types whose
     contrast QC judges), the tumour-contrast pass rate and the median lesion contrast per type (tumour median
-    minus its host ring, :func:`maisi_core.qc_tumor.measure_tumor`), next to the intensity model's own CTs of the
+    minus its host ring, :func:`maisi_core.evaluation.qc_tumor.measure_tumor`), next to the intensity model's own CTs of the
     same masks; previews cut through the tumour.
 
 Writes ``eval.json`` and preview PNGs (three orthogonal slices with label overlay) to ``--out``; with
@@ -35,13 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maisi_core import MaisiPipeline, preview, qc
-from maisi_core.frechet import compute_frechet
-from maisi_core.intensity import synthesize_ct, tissue_hu_medians
-from maisi_core.labels import label_name, tumor_ids_in
-from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
-from maisi_core.qc_tumor import measure_tumor
-from maisi_core.training_data import generate_phantom_case
+from maisi_core import MaisiPipeline, preview
+
+from maisi_core.evaluation import qc
+from maisi_core.evaluation.frechet import compute_frechet
+from maisi_core.anatomy.intensity import synthesize_ct, tissue_hu_medians
+from maisi_core.anatomy.labels import label_name, tumor_ids_in
+from maisi_core.anatomy.phantom import PhantomConfig, TumorSpec, generate_phantom
+from maisi_core.evaluation.qc_tumor import measure_tumor
+from maisi_core.training.data import generate_phantom_case
 
 REGIONS = (("chest", "abdomen"), ("chest",), ("abdomen",), ("abdomen", "lower"), ("lower",),
            ("chest", "abdomen", "lower"), ("head_neck", "chest"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from maisi_core import MaisiPipeline, presets
-from maisi_core.decoding import get_decode_preset
+from maisi_core.engine.decoding import get_decode_preset
 
 
 def synthetic_label_map(size: tuple[int, int, int]) -> np.ndarray:

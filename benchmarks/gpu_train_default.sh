@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/env.log" || exit 3
-import torch, monai, nibabel, maisi_core.training
+import torch, monai, nibabel, maisi_core.training.pipeline
 print("torch", torch.__version__, "monai", monai.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
 import os

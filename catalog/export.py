@@ -123,7 +123,7 @@ def collect_label_ids(catalog: Catalog, rows: list[dict[str, Any]]) -> list[int]
 
 def _label_names(maisi_ids: list[int]) -> dict[int, str]:
     from maisi_core.errors import LabelNameError
-    from maisi_core.labels import label_name
+    from maisi_core.anatomy.labels import label_name
 
     names = {}
     for lid in maisi_ids:

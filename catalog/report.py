@@ -62,8 +62,8 @@ def _img(png: bytes, alt: str = "plot") -> str:
 
 
 def reference_ranges() -> dict[str, tuple[float, float]]:
-    """Return MAISI's organ median-HU reference ranges (from ``maisi_core.qc``)."""
-    from maisi_core.qc import reference_hu_ranges
+    """Return MAISI's organ median-HU reference ranges (from ``maisi_core.evaluation.qc``)."""
+    from maisi_core.evaluation.qc import reference_hu_ranges
 
     return reference_hu_ranges()
 

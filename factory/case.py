@@ -174,7 +174,7 @@ _mask_generators: dict[tuple, Any] = {}
 
 def _load_mask_generator(source: GeneratorMasks) -> Any:
     """The mask generator a source names, built once per process (released checkpoints or seeded preset)."""
-    from maisi_core.mask_generator import MaskGenerator, MaskGeneratorConfig
+    from maisi_core.anatomy.mask_generator import MaskGenerator, MaskGeneratorConfig
 
     key = (source.preset, source.autoencoder_path, source.diffusion_path)
     with _locks_guard:
@@ -198,8 +198,8 @@ def user_mask_file(path: str, index: int) -> str:
 
 
 def mask_options(request: CaseRequest) -> Any:
-    """The ``maisi_core.mask_types`` options of the request's (typed) mask source."""
-    from maisi_core.mask_types import FolderOptions, GeneratorOptions, PhantomOptions, UserOptions
+    """The ``maisi_core.anatomy.mask_types`` options of the request's (typed) mask source."""
+    from maisi_core.anatomy.mask_types import FolderOptions, GeneratorOptions, PhantomOptions, UserOptions
 
     source = request.mask_source
     if isinstance(source, FolderMasks):
@@ -214,10 +214,10 @@ def mask_options(request: CaseRequest) -> Any:
 
 
 def make_case_mask(request: CaseRequest, seed: int) -> Any:
-    """Make the conditioning mask of one attempt (``maisi_core.masks.make_mask``)."""
-    from maisi_core.mask_types import MaskRequest
-    from maisi_core.masks import make_mask
-    from maisi_core.phantom import TumorSpec
+    """Make the conditioning mask of one attempt (``maisi_core.anatomy.masks.make_mask``)."""
+    from maisi_core.anatomy.mask_types import MaskRequest
+    from maisi_core.anatomy.masks import make_mask
+    from maisi_core.anatomy.phantom import TumorSpec
 
     tumor = None
     if request.tumor_label is not None:
@@ -239,7 +239,7 @@ def requested_tumor_size_mm(request: CaseRequest) -> tuple[float, float]:
 
 
 def qc_options(request: CaseRequest, mask: Any) -> dict[str, Any]:
-    """The keyword arguments of ``maisi_core.qc.check_case`` for one attempt (spec switches, expected tumour).
+    """The keyword arguments of ``maisi_core.evaluation.qc.check_case`` for one attempt (spec switches, expected tumour).
 
     The tumour's size is checked against the requested range only when the mask source placed it
     (``mask.tumors``); a tumour already in a folder or user mask keeps its own size.
@@ -255,7 +255,7 @@ def qc_options(request: CaseRequest, mask: Any) -> dict[str, Any]:
 
 
 def _qc_fields(qc: Any, tumor_label: int | None) -> dict[str, Any]:
-    from maisi_core.labels import label_name
+    from maisi_core.anatomy.labels import label_name
 
     name = label_name(tumor_label) if tumor_label is not None else None
     return {"organ_hu_median": dict(qc.organ_hu_median), "label_agreement": dict(qc.label_agreement),
@@ -264,7 +264,7 @@ def _qc_fields(qc: Any, tumor_label: int | None) -> dict[str, Any]:
 
 def qc_thresholds(request: CaseRequest) -> dict[str, tuple[float, float]]:
     """The organ HU ranges overriding MAISI's: the spec's, or the whole HU range when the organ check is off."""
-    from maisi_core.qc import HU_SANITY_RANGE, ORGAN_LABEL_IDS
+    from maisi_core.evaluation.qc import HU_SANITY_RANGE, ORGAN_LABEL_IDS
 
     if not request.qc.organ_hu_check:
         return {organ: HU_SANITY_RANGE for organ in ORGAN_LABEL_IDS}
@@ -301,7 +301,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoo
     """
     from maisi_core.errors import MaisiError, MaskSourceError
     from maisi_core.io import save_image, save_label
-    from maisi_core.qc import check_case, check_written_geometry
+    from maisi_core.evaluation.qc import check_case, check_written_geometry
 
     t_start = time.perf_counter()
     reasons: list[str] = []

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from factory.errors import ModelRefError
 
 if TYPE_CHECKING:
-    from maisi_core.config import GeometryRules, PipelineConfig
-    from maisi_core.pipeline import MaisiPipeline
+    from maisi_core.engine.config import GeometryRules, PipelineConfig
+    from maisi_core.engine.pipeline import MaisiPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def preset_name(ref: str) -> str | None:
 
 
 def _model_dir_available(ref: str) -> bool:
-    from maisi_core.model_dir import INDEX_NAME, resolve_model_path
+    from maisi_core.engine.model_dir import INDEX_NAME, resolve_model_path
 
     return (resolve_model_path(ref) / INDEX_NAME).is_file()
 
@@ -51,8 +51,8 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
         ModelRefError: unknown preset; directory absent and no ``preset`` given.
     """
     from maisi_core.errors import ConfigError
-    from maisi_core.presets import get_preset
-    from maisi_core.model_dir import read_model_config
+    from maisi_core.engine.presets import get_preset
+    from maisi_core.engine.model_dir import read_model_config
 
     name = preset_name(ref)
     try:
@@ -72,7 +72,7 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
 
 
 def geometry_rules(ref: str, *, preset: str | None = None) -> GeometryRules:
-    """Return the output-size and spacing rules of the model (see :mod:`maisi_core.geometry`)."""
+    """Return the output-size and spacing rules of the model (see :mod:`maisi_core.engine.geometry`)."""
     return pipeline_config(ref, preset=preset).geometry
 
 
@@ -89,9 +89,9 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
     from torch import device as torch_device
 
     from maisi_core.errors import ConfigError, DeviceError, WeightsNotFoundError
-    from maisi_core.pipeline import MaisiPipeline, resolve_device, resolve_precision
-    from maisi_core.presets import get_preset
-    from maisi_core.weights import state_digest
+    from maisi_core.engine.pipeline import MaisiPipeline, resolve_device, resolve_precision
+    from maisi_core.engine.presets import get_preset
+    from maisi_core.engine.weights import state_digest
 
     dev = str(resolve_device(device))
     try:

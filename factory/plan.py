@@ -35,7 +35,7 @@ LABELS_DIR = "labels"
 VOLUME_SUFFIX = ".nii.gz"
 
 # Output size (voxels) and spacing (mm) when a cohort gives none: sizes and fields of view inside the
-# released MAISI CT limits (x == y in {256, 384, 512}, FOV >= 256 mm; see maisi_core.geometry).
+# released MAISI CT limits (x == y in {256, 384, 512}, FOV >= 256 mm; see maisi_core.engine.geometry).
 REGION_DEFAULTS: dict[str, tuple[tuple[int, int, int], tuple[float, float, float]]] = {
     "head_neck": ((256, 256, 256), (1.0, 1.0, 1.0)),
     "chest": ((512, 512, 128), (0.75, 0.75, 2.5)),
@@ -175,11 +175,11 @@ def estimate_gpu_memory_gb(config: Any, output_size: tuple[int, int, int], decod
     """Estimate the peak GPU memory of one case (set by VAE decoding) and say how it was estimated.
 
     Windowed decoding (released models) is bounded by the decode preset's memory class
-    (``maisi_core.decoding``): the named one, or the smallest class measured to fit the size
+    (``maisi_core.engine.decoding``): the named one, or the smallest class measured to fit the size
     (256^3 and 512^2 x 128 in 16 GB, 512^3 in 24 GB, larger in 80 GB). Whole-volume decoding
     (``tiny``) is estimated from the voxel count.
     """
-    from maisi_core.decoding import get_decode_preset
+    from maisi_core.engine.decoding import get_decode_preset
 
     voxels = output_size[0] * output_size[1] * output_size[2]
     if decode_preset not in (None, "auto"):
@@ -206,7 +206,7 @@ def estimate_cpu_memory_gb(config: Any, output_size: tuple[int, int, int]) -> fl
 
 def _plan_cohort(spec: DatasetSpec, index: int, cohort: Cohort, config: Any, issues: list[SpecIssue]) -> CohortPlan | None:
     from maisi_core.errors import GeometryError
-    from maisi_core.geometry import check_geometry
+    from maisi_core.engine.geometry import check_geometry
 
     size, spacing = default_geometry(tuple(cohort.body_region))
     size = tuple(cohort.output_size or size)

@@ -28,17 +28,17 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from factory.errors import SpecError
 from factory.spec_source import SourceMap, drop_missing_explained_by_typos, issue_from_pydantic, load_yaml
-from maisi_core.decoding import DECODE_PRESETS
-from maisi_core.labels import TUMOR_TYPES
-from maisi_core.mask_types import FolderOptions, GeneratorOptions, UserOptions, option_default
+from maisi_core.engine.decoding import DECODE_PRESETS
+from maisi_core.anatomy.labels import TUMOR_TYPES
+from maisi_core.anatomy.mask_types import FolderOptions, GeneratorOptions, UserOptions, option_default
 
 MAX_OUTPUT_VOX = 1024  # per axis: beyond any model's geometry, and 1024^3 float32 is already 4 GB
 SPEC_ID_HEX = 16  # spec_id = first 16 hex characters (64 bits) of the sha256 of the canonical JSON
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME_RULE = "a name of letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
 
-TumorName = Literal[tuple(TUMOR_TYPES)]  # type: ignore[valid-type]  # the names of maisi_core.labels.TUMOR_TYPES
-DecodePresetName = Literal[("auto", *DECODE_PRESETS)]  # type: ignore[valid-type]  # maisi_core.decoding's presets
+TumorName = Literal[tuple(TUMOR_TYPES)]  # type: ignore[valid-type]  # the names of maisi_core.anatomy.labels.TUMOR_TYPES
+DecodePresetName = Literal[("auto", *DECODE_PRESETS)]  # type: ignore[valid-type]  # maisi_core.engine.decoding's presets
 
 
 class _Strict(BaseModel):
@@ -167,7 +167,7 @@ class QCSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> QCSettings:
-        from maisi_core.qc import ORGAN_LABEL_IDS
+        from maisi_core.evaluation.qc import ORGAN_LABEL_IDS
         from maisi_core.errors import did_you_mean
 
         for organ, (low, high) in self.thresholds_hu.items():
@@ -197,7 +197,7 @@ class Cohort(_Strict):
     @classmethod
     def _normalise_regions(cls, value: list[str]) -> list[str]:
         from maisi_core.errors import LabelNameError
-        from maisi_core.labels import BODY_REGIONS, normalize_region
+        from maisi_core.anatomy.labels import BODY_REGIONS, normalize_region
 
         out = []
         for r in value:

@@ -1,13 +1,13 @@
 """Dataset-level validation: Fréchet distances, diversity and memorisation of a generated dataset.
 
 Plain functions (no Prefect) called by the ``generate-dataset`` flow at the end of a run and by
-``ctfactory validate ROOT``. The metrics come from :mod:`maisi_core.frechet` and :mod:`maisi_core.diversity`
-with the weights-free radiomics-style extractor of :mod:`maisi_core.features`, so every Fréchet distance here
+``ctfactory validate ROOT``. The metrics come from :mod:`maisi_core.evaluation.frechet` and :mod:`maisi_core.evaluation.diversity`
+with the weights-free radiomics-style extractor of :mod:`maisi_core.evaluation.features`, so every Fréchet distance here
 is an **FRD-style** distance, never FID.
 
 Reference sets:
 
-* ``phantom`` (default): the procedural intensity model (:func:`maisi_core.intensity.synthesize_ct`)
+* ``phantom`` (default): the procedural intensity model (:func:`maisi_core.anatomy.intensity.synthesize_ct`)
   rendered on each generated case's own label map. It answers "how far are the generated images from
   the phantom CT the embedded model learned?". ``fd_radiomics_ref`` is the same distance between two
   independent phantom renders of those masks: the value a perfect generator would reach at this
@@ -70,7 +70,7 @@ def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | Non
 def load_reference_volumes(reference: str | Path) -> list[np.ndarray]:
     """Return the HU volumes of a reference folder (``reference.json`` manifest, or ``*.nii.gz`` files)."""
     from maisi_core.io import load_image
-    from maisi_core.reference import MANIFEST_NAME, load_reference_set
+    from maisi_core.evaluation.reference import MANIFEST_NAME, load_reference_set
 
     folder = Path(reference)
     if (folder / MANIFEST_NAME).is_file():
@@ -90,11 +90,11 @@ EXTRACTORS = ("radiomics", "astra")
 def build_extractor(name: str):
     """Return the feature extractor for a metric family: ``radiomics`` (default) or ``astra`` (extra)."""
     if name == "radiomics":
-        from maisi_core.features import RadiomicsFeatureExtractor
+        from maisi_core.evaluation.features import RadiomicsFeatureExtractor
 
         return RadiomicsFeatureExtractor()
     if name == "astra":
-        from maisi_core.astra import AstraFeatureExtractor
+        from maisi_core.evaluation.astra import AstraFeatureExtractor
 
         return AstraFeatureExtractor()
     raise ValidationInputError(f"validate_dataset expects extractor in {list(EXTRACTORS)}, but got extractor={name!r}.")
@@ -110,10 +110,10 @@ def compute_dataset_metrics(
 
     ``extractor`` names the metric columns: ``fd_radiomics*`` or ``fd_astra*``.
     """
-    from maisi_core.diversity import diversity, memorization
-    from maisi_core.features import MemoizedExtractor
-    from maisi_core.frechet import compute_frechet
-    from maisi_core.intensity import synthesize_ct
+    from maisi_core.evaluation.diversity import diversity, memorization
+    from maisi_core.evaluation.features import MemoizedExtractor
+    from maisi_core.evaluation.frechet import compute_frechet
+    from maisi_core.anatomy.intensity import synthesize_ct
 
     if len(generated) < MIN_CASES:
         raise ValidationInputError(

@@ -77,8 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from maisi_core.presets import PRESETS
-    from maisi_core.model_dir import packaged_model_path
+    from maisi_core.engine.presets import PRESETS
+    from maisi_core.engine.model_dir import packaged_model_path
 
     print("presets (architectures, random weights until loaded):")
     for name in sorted(PRESETS):
@@ -96,7 +96,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from maisi_core.model_dir import verify_model_dir
+    from maisi_core.engine.model_dir import verify_model_dir
 
     index = verify_model_dir(args.path)
     json.dump(index, sys.stdout, indent=2, sort_keys=True)
@@ -106,8 +106,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from maisi_core.presets import get_preset
-    from maisi_core.weights import convert_maisi_checkpoints
+    from maisi_core.engine.presets import get_preset
+    from maisi_core.engine.weights import convert_maisi_checkpoints
 
     digest = convert_maisi_checkpoints(
         config=get_preset(args.preset), autoencoder=args.autoencoder, diffusion_unet=args.diffusion_unet,
@@ -118,7 +118,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train_corpus(args: argparse.Namespace, config):
-    from maisi_core.training_data import PhantomCorpusConfig, generate_phantom_corpus, load_nifti_corpus
+    from maisi_core.training.data import PhantomCorpusConfig, generate_phantom_corpus, load_nifti_corpus
 
     size = (args.size_vox or (64 if config.name == "default" else 32),) * 3
     spacing = args.spacing_mm or 384.0 / size[0]
@@ -139,9 +139,9 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from maisi_core.presets import get_preset
-    from maisi_core.training import TrainingConfig, train_pipeline
-    from maisi_core.weights import load_model_dir, resolve_model_path
+    from maisi_core.engine.presets import get_preset
+    from maisi_core.training.pipeline import TrainingConfig, train_pipeline
+    from maisi_core.engine.weights import load_model_dir, resolve_model_path
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))

@@ -3,7 +3,7 @@
 No Prefect, no CLI, no environment variables: everything is passed explicitly.
 
 The package imports lazily: ``import maisi_core`` (or a light submodule such as ``maisi_core.errors`` or
-``maisi_core.labels``) does not import torch or MONAI; ``maisi_core.MaisiPipeline`` and the other
+``maisi_core.anatomy.labels``) does not import torch or MONAI; ``maisi_core.MaisiPipeline`` and the other
 network-backed names load them on first access.
 """
 
@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = ["GenerationOutput", "GenerationRequest", "MaisiPipeline", "presets"]
 
-_LAZY = {"GenerationOutput": "maisi_core.pipeline", "GenerationRequest": "maisi_core.pipeline",
-         "MaisiPipeline": "maisi_core.pipeline", "presets": "maisi_core.presets"}
+_LAZY = {"GenerationOutput": "maisi_core.engine.pipeline", "GenerationRequest": "maisi_core.engine.pipeline",
+         "MaisiPipeline": "maisi_core.engine.pipeline", "presets": "maisi_core.engine.presets"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from maisi_core import presets
-    from maisi_core.pipeline import GenerationOutput, GenerationRequest, MaisiPipeline
+    from maisi_core.engine.pipeline import GenerationOutput, GenerationRequest, MaisiPipeline
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,7 @@ from maisi_core.errors import (
     VolumeFileError,
     VolumeNotFoundError,
 )
-from maisi_core.geometry import affine_from_spacing  # re-exported for io users
+from maisi_core.engine.geometry import affine_from_spacing  # re-exported for io users
 from maisi_core.modality import CT_HU_RANGE
 
 try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio

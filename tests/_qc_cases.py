@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from maisi_core.intensity import synthesize_ct
-from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
+from maisi_core.anatomy.intensity import synthesize_ct
+from maisi_core.anatomy.phantom import PhantomConfig, TumorSpec, generate_phantom
 
 
 @lru_cache(maxsize=32)

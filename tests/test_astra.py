@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi_core.astra import ASTRA_FEATURE_DIM, I3ResNet152
+from maisi_core.evaluation.astra import ASTRA_FEATURE_DIM, I3ResNet152
 from maisi_core.errors import WeightsNotFoundError
 
 
@@ -29,7 +29,7 @@ def test_feature_map_downsamples_depth_16_and_plane_32():
 
 
 def _extractor():
-    from maisi_core.astra import AstraFeatureExtractor
+    from maisi_core.evaluation.astra import AstraFeatureExtractor
 
     try:
         return AstraFeatureExtractor(input_size=(64, 64, 48))
@@ -39,8 +39,8 @@ def _extractor():
 
 @pytest.mark.astra
 def test_astra_features_separate_ct_from_noise():
-    from maisi_core.intensity import synthesize_ct
-    from maisi_core.phantom import PhantomConfig, generate_phantom
+    from maisi_core.anatomy.intensity import synthesize_ct
+    from maisi_core.anatomy.phantom import PhantomConfig, generate_phantom
 
     ext = _extractor()
     cases = [generate_phantom(PhantomConfig(output_size_vox=(64, 64, 48), spacing_mm=(6.0, 6.0, 6.0)), seed=s)

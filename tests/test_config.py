@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from maisi_core import MaisiPipeline, presets
-from maisi_core.config import AutoencoderConfig, PipelineConfig, scheduler_config_from_dict
+from maisi_core.engine.config import AutoencoderConfig, PipelineConfig, scheduler_config_from_dict
 from maisi_core.errors import ConfigError
-from maisi_core.networks import count_parameters
+from maisi_core.engine.networks import count_parameters
 
 
 @pytest.mark.parametrize(
@@ -72,6 +72,6 @@ def test_get_preset_unknown_name():
 
 
 def test_tiny_preset_latent_is_8_cubed(tiny_pipe):
-    from maisi_core.geometry import latent_shape
+    from maisi_core.engine.geometry import latent_shape
 
     assert latent_shape(tiny_pipe.config, (32, 32, 32)) == (4, 8, 8, 8)

@@ -5,7 +5,7 @@ import pytest
 
 from maisi_core import presets
 from maisi_core.errors import GeometryError
-from maisi_core.geometry import affine_from_spacing, check_geometry, spacing_from_affine
+from maisi_core.engine.geometry import affine_from_spacing, check_geometry, spacing_from_affine
 
 OFFICIAL = presets.maisi_ct_rflow().geometry
 

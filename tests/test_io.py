@@ -212,7 +212,7 @@ def _nrrd_bytes(array: np.ndarray, *, encoding: str) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["raw", "gzip"])
 def test_read_nrrd_converts_lps_to_ras_and_keeps_voxel_order(encoding):
-    from maisi_core.reference import read_nrrd
+    from maisi_core.evaluation.reference import read_nrrd
 
     array = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) - 12
     out, affine = read_nrrd(_nrrd_bytes(array, encoding=encoding))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maisi_core import labels
+from maisi_core.anatomy import labels
 from maisi_core.errors import LabelMapError, LabelNameError
 
 

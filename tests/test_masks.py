@@ -1,4 +1,4 @@
-"""Tests of the mask sources (maisi_core.masks): phantom, user label maps, folder retrieval."""
+"""Tests of the mask sources (maisi_core.anatomy.masks): phantom, user label maps, folder retrieval."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi_core import labels
+from maisi_core.anatomy import labels
 from maisi_core.errors import (
     LabelNameError,
     MaskSourceError,
@@ -17,15 +17,15 @@ from maisi_core.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from maisi_core.mask_folder import build_mask_index, load_mask_index, save_mask_index, score_candidate
-from maisi_core.mask_remap import (
+from maisi_core.anatomy.mask_folder import build_mask_index, load_mask_index, save_mask_index, score_candidate
+from maisi_core.anatomy.mask_remap import (
     load_user_mask,
     remap_labels,
     resample_label_map,
     totalsegmentator_mapping,
     totalsegmentator_names,
 )
-from maisi_core.mask_types import (
+from maisi_core.anatomy.mask_types import (
     OPTION_CLASSES,
     FolderOptions,
     GeneratorOptions,
@@ -33,8 +33,8 @@ from maisi_core.mask_types import (
     PhantomOptions,
     UserOptions,
 )
-from maisi_core.masks import MASK_SOURCES, make_mask
-from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
+from maisi_core.anatomy.masks import MASK_SOURCES, make_mask
+from maisi_core.anatomy.phantom import PhantomConfig, TumorSpec, generate_phantom
 
 
 def _write_nifti(path, array, affine):
@@ -264,13 +264,13 @@ class _NotAWeight:
 
 @pytest.fixture(scope="module")
 def tiny_generator():
-    from maisi_core.mask_generator import MaskGenerator
+    from maisi_core.anatomy.mask_generator import MaskGenerator
 
     return MaskGenerator.from_config("tiny", seed=0)
 
 
 def test_mask_generator_official_architecture_parameter_counts():
-    from maisi_core.mask_generator import MaskGeneratorConfig, build_mask_autoencoder, build_mask_diffusion
+    from maisi_core.anatomy.mask_generator import MaskGeneratorConfig, build_mask_autoencoder, build_mask_diffusion
 
     config = MaskGeneratorConfig.official()
     assert config.latent_shape == (4, 64, 64, 64)
@@ -297,7 +297,7 @@ def test_mask_generator_rejects_bad_size_vector(tiny_generator):
 
 
 def test_postprocess_generated_mask_keeps_body_and_relabels_tumours():
-    from maisi_core.mask_generator import postprocess_generated_mask
+    from maisi_core.anatomy.mask_generator import postprocess_generated_mask
 
     arr = np.zeros((12, 12, 12), np.uint8)
     arr[1:9, 1:9, 1:9] = labels.BODY_ID
@@ -311,7 +311,7 @@ def test_postprocess_generated_mask_keeps_body_and_relabels_tumours():
 
 
 def test_mask_generator_loads_weights_only_checkpoints(tmp_path, tiny_generator):
-    from maisi_core.mask_generator import MaskGenerator, MaskGeneratorConfig
+    from maisi_core.anatomy.mask_generator import MaskGenerator, MaskGeneratorConfig
 
     vae_path, unet_path = tmp_path / "mask_vae.pt", tmp_path / "mask_unet.pt"
     torch.save(tiny_generator.autoencoder.state_dict(), vae_path)
@@ -326,7 +326,7 @@ def test_mask_generator_loads_weights_only_checkpoints(tmp_path, tiny_generator)
 
 
 def test_load_weights_refuses_pickled_objects(tmp_path):
-    from maisi_core.mask_generator import load_weights
+    from maisi_core.anatomy.mask_generator import load_weights
 
     path = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {}, "extra": _NotAWeight()}, path)

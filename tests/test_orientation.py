@@ -11,7 +11,7 @@ from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from factory.case import GeneratedVolume, run_case
 from factory.plan import CaseRequest, plan_dataset
-from maisi_core.intensity import synthesize_ct
+from maisi_core.anatomy.intensity import synthesize_ct
 
 
 class IntensityGenerator:

@@ -1,4 +1,4 @@
-"""Tests of the procedural phantom (maisi_core.phantom, maisi_core.anatomy) and the CT intensity model."""
+"""Tests of the procedural phantom (maisi_core.anatomy.phantom, maisi_core.anatomy.body) and the CT intensity model."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from maisi_core import labels
+from maisi_core.anatomy import labels
 from maisi_core.errors import ConfigError, GeometryError, LabelMapError, LabelNameError, TumorPlacementError
-from maisi_core.intensity import IntensityParams, organ_medians, synthesize_ct, tissue_hu_medians
-from maisi_core.phantom import PhantomConfig, TumorSpec, generate_phantom
+from maisi_core.anatomy.intensity import IntensityParams, organ_medians, synthesize_ct, tissue_hu_medians
+from maisi_core.anatomy.phantom import PhantomConfig, TumorSpec, generate_phantom
 
 LUNG_LEFT, LUNG_RIGHT = (28, 29), (30, 31, 32)
 QC_GROUPS = {

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from maisi_core import GenerationRequest, MaisiPipeline, presets
-from maisi_core.config import DDPMSchedulerConfig
+from maisi_core.engine.config import DDPMSchedulerConfig
 from maisi_core.errors import ConfigError, DeviceError, GeometryError, LabelMapError
-from maisi_core.labels import remove_tumors
-from maisi_core.pipeline import encode_labels_8bit
+from maisi_core.anatomy.labels import remove_tumors
+from maisi_core.engine.pipeline import encode_labels_8bit
 
 
 def test_generate_labelled_32_cube_on_cpu(tiny_pipe, label_map):
@@ -208,7 +208,7 @@ def test_eight_bit_label_encoding():
 
 
 def test_sliding_window_decode_approximates_direct_decode(tiny_pipe):
-    from maisi_core.decoding import decode_latents
+    from maisi_core.engine.decoding import decode_latents
 
     z = torch.randn(1, 4, 16, 16, 24, generator=torch.Generator().manual_seed(0))
     fn = tiny_pipe.vae.decode_stage_2_outputs
@@ -278,7 +278,7 @@ def test_conditioning_is_embedded_once_per_generate_and_output_unchanged(tiny_pi
 
 def test_controlnet_residuals_equal_monai_forward_bit_for_bit(tiny_pipe):
     """The explicit-embedding path runs MONAI's ControlNet steps unchanged: identical residuals."""
-    from maisi_core.networks import controlnet_residuals, embed_control
+    from maisi_core.engine.networks import controlnet_residuals, embed_control
 
     _randomize(tiny_pipe.controlnet, 3)
     gen = torch.Generator().manual_seed(0)
@@ -296,7 +296,7 @@ def test_the_pipeline_leaves_its_networks_as_given():
     """Issue 13: building a pipeline swapped the ControlNet's embedding class and set the VAE's split count."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
 
-    from maisi_core.decoding import get_decode_preset
+    from maisi_core.engine.decoding import get_decode_preset
 
     first = MaisiPipeline.from_config(presets.tiny(), device="cpu")
     cls = type(first.controlnet.controlnet_cond_embedding)
@@ -328,7 +328,7 @@ def test_an_affine_contradicting_spacing_is_refused(tiny_pipe, label_map):
     import numpy as np
 
     from maisi_core.errors import GeometryError
-    from maisi_core.geometry import affine_from_spacing
+    from maisi_core.engine.geometry import affine_from_spacing
 
     spacing = (8.0, 8.0, 8.0)
     wrong = affine_from_spacing((1.5, 1.5, 1.5), label_map.shape)

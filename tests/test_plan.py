@@ -95,7 +95,7 @@ def test_plan_paths_stay_inside_root(tmp_path):
 
 
 def test_plan_memory_estimate_and_table():
-    from maisi_core.presets import maisi_ct_rflow, tiny
+    from maisi_core.engine.presets import maisi_ct_rflow, tiny
 
     assert estimate_gpu_memory_gb(maisi_ct_rflow(), (512, 512, 128), None) == (16.0, "decode preset 16g")
     assert estimate_gpu_memory_gb(maisi_ct_rflow(), (512, 512, 512), None) == (24.0, "decode preset 24g")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maisi_core import qc
+from maisi_core.evaluation import qc
 from maisi_core.errors import ImageError, LabelMapError, QCConfigError
 from maisi_core.io import affine_from_spacing
-from maisi_core.labels import BONE_IDS
+from maisi_core.anatomy.labels import BONE_IDS
 from tests._volumes import make_phantom
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maisi_core import qc
-from maisi_core.qc_agreement import MIN_FRACTION, check_label_agreement, label_agreement_fractions
+from maisi_core.evaluation import qc
+from maisi_core.evaluation.qc_agreement import MIN_FRACTION, check_label_agreement, label_agreement_fractions
 from tests._qc_cases import phantom_case, pv_case
 
 CASES = [

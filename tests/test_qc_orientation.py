@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maisi_core import qc
-from maisi_core.geometry import affine_from_spacing
-from maisi_core.qc_orientation import (
+from maisi_core.evaluation import qc
+from maisi_core.engine.geometry import affine_from_spacing
+from maisi_core.evaluation.qc_orientation import (
     IMAGE_MIRROR_MARGIN, check_image_orientation, check_label_orientation, lateral_pairs, mirror_correlations,
 )
 from tests._qc_cases import phantom_case, to_lps, world_x

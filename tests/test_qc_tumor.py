@@ -7,10 +7,10 @@ import pytest
 
 from _specs import tiny_spec
 from catalog.root import DatasetRoot
-from maisi_core import qc
+from maisi_core.evaluation import qc
 from maisi_core.errors import QCConfigError
-from maisi_core.geometry import affine_from_spacing
-from maisi_core.qc_tumor import TUMOR_CONTRAST_RULES, check_tumor, measure_tumor
+from maisi_core.engine.geometry import affine_from_spacing
+from maisi_core.evaluation.qc_tumor import TUMOR_CONTRAST_RULES, check_tumor, measure_tumor
 from tests._qc_cases import phantom_case
 
 SPACING = 2.0
@@ -162,7 +162,7 @@ class _IntensityGenerator:
 
     def generate(self, request, mask, *, seed):
         from factory.case import GeneratedVolume
-        from maisi_core.intensity import synthesize_ct
+        from maisi_core.anatomy.intensity import synthesize_ct
 
         image = synthesize_ct(mask.label_map, request.spacing_mm, seed=seed)
         if self.tumor_hu is not None:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from catalog.root import DatasetRoot
-from maisi_core import MaisiPipeline, labels, presets
-from maisi_core.config import DDPMSchedulerConfig
-from maisi_core.decoding import DECODE_PRESETS, decode_latents
-from maisi_core.pipeline import Conditioning, resolve_precision
-from maisi_core.schedulers import build_scheduler, plan_timesteps, scheduler_step
+from maisi_core import MaisiPipeline, presets
+from maisi_core.anatomy import labels
+from maisi_core.engine.config import DDPMSchedulerConfig
+from maisi_core.engine.decoding import DECODE_PRESETS, decode_latents
+from maisi_core.engine.pipeline import Conditioning, resolve_precision
+from maisi_core.engine.schedulers import build_scheduler, plan_timesteps, scheduler_step
 from test_pipeline import _tiny_ddpm
 
 SPACING = (1.5, 1.5, 1.5)
@@ -51,7 +52,7 @@ def test_guidance_without_a_tumour_runs_with_the_same_mask(tiny_pipe, label_map)
 
 def test_guidance_denoise_runs_the_unconditional_branch_with_class_zero_and_no_tumour(tiny_pipe, label_map,
                                                                                       monkeypatch):
-    import maisi_core.pipeline as pipeline_module
+    import maisi_core.engine.pipeline as pipeline_module
 
     lm = _with_tumour(label_map)
     embedded, steps = [], []

@@ -5,7 +5,7 @@ import torch
 
 from maisi_core import presets
 from maisi_core.errors import ConfigError
-from maisi_core.schedulers import build_scheduler, plan_timesteps, scheduler_step
+from maisi_core.engine.schedulers import build_scheduler, plan_timesteps, scheduler_step
 
 
 def test_rflow_timesteps_follow_maisi_resolution_shift():

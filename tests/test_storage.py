@@ -9,7 +9,7 @@ import numpy as np
 from catalog.root import DatasetRoot
 from factory.storage import publish_volume, sha256_of
 from maisi_core import io
-from maisi_core.geometry import affine_from_spacing
+from maisi_core.engine.geometry import affine_from_spacing
 
 
 def test_publish_volume_writes_keeps_identical_and_replaces_different(tmp_path):

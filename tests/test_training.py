@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from flows.cli import main
 from maisi_core import io, presets
 from maisi_core.errors import CheckpointError, ConfigError, TrainingDataError, TrainingDataNotFoundError
-from maisi_core.training import TrainingConfig, train_pipeline
-from maisi_core.training_data import (
+from maisi_core.training.pipeline import TrainingConfig, train_pipeline
+from maisi_core.training.data import (
     PhantomCorpusConfig,
     find_nifti_pairs,
     fit_to_grid,
@@ -273,7 +273,7 @@ def test_training_config_errors():
 
 
 def test_tumor_loss_weight_weights_latent_voxels_covering_a_tumour():
-    from maisi_core.training_losses import roi_weights as _roi_weights
+    from maisi_core.training.losses import roi_weights as _roi_weights
 
     lab = np.full((1, 8, 8, 8), 200, np.uint8)
     lab[0, 0:4, 0:4, 0:4] = 1  # liver: latent voxel (0, 0, 0) at factor 4
@@ -298,7 +298,7 @@ def test_train_pipeline_refuses_mixed_shapes(tmp_path, tiny_cases):
 
 def test_default_preset_is_registered_and_small():
     from maisi_core import MaisiPipeline
-    from maisi_core.networks import count_parameters
+    from maisi_core.engine.networks import count_parameters
 
     cfg = presets.get_preset("default")
     assert cfg.size_multiple_vox == 16 and cfg.scheduler.default_num_inference_steps == 25
@@ -315,8 +315,9 @@ def _default_case(seed, tumor_id=None):
 @pytest.mark.slow
 def test_default_model_generates_a_qc_passing_case():
     """Case 0 of benchmarks/eval_default_model.py (the model passes QC on only part of the cases; see its card)."""
-    from maisi_core import MaisiPipeline, qc
-    from maisi_core.weights import packaged_model_path
+    from maisi_core import MaisiPipeline
+    from maisi_core.evaluation import qc
+    from maisi_core.engine.model_dir import packaged_model_path
 
     if packaged_model_path("default") is None:
         pytest.skip("no packaged default model in this checkout")
@@ -356,7 +357,7 @@ def test_roi_loss_weight_applies_to_every_stage(tmp_path, tiny_cases):
 
 
 def test_lr_decays_with_the_spent_time_budget_too():
-    from maisi_core.training_loop import lr_factor as _lr_factor
+    from maisi_core.training.loop import lr_factor as _lr_factor
 
     assert _lr_factor(0, 1000, 20) == pytest.approx(1 / 20)
     assert _lr_factor(50, 1000, 20) > 0.99  # early by steps, no budget: near the peak

@@ -12,8 +12,8 @@ from flows.cli import main
 from factory.errors import ValidationInputError
 from factory.validate import compute_dataset_metrics, load_generated, validate_dataset
 from maisi_core import io as mio
-from maisi_core.intensity import synthesize_ct
-from maisi_core.phantom import PhantomConfig, generate_phantom
+from maisi_core.anatomy.intensity import synthesize_ct
+from maisi_core.anatomy.phantom import PhantomConfig, generate_phantom
 from tests._catalog_cases import make_record
 
 SPACING = (10.0, 10.0, 10.0)

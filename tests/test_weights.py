@@ -8,7 +8,8 @@ import torch
 
 from maisi_core import MaisiPipeline, presets
 from maisi_core.errors import UnsafeCheckpointError, WeightsError, WeightsNotFoundError
-from maisi_core.weights import convert_maisi_checkpoints, load_torch_checkpoint, read_index
+from maisi_core.engine.model_dir import read_index
+from maisi_core.engine.weights import convert_maisi_checkpoints, load_torch_checkpoint
 
 
 @pytest.fixture()
@@ -71,7 +72,7 @@ def test_wrong_architecture_is_refused(saved):
 
     index = json.loads((path / "model_index.json").read_text())
     index["files"]["unet/config.json"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()
-    from maisi_core.weights import _digest_of
+    from maisi_core.engine.model_dir import _digest_of
 
     index["digest"] = _digest_of(index["files"])
     (path / "model_index.json").write_text(json.dumps(index))
@@ -141,7 +142,7 @@ def test_garbage_checkpoint_gives_clear_error(tmp_path):
 
 
 def test_state_digest_identifies_weights(tiny_pipe):
-    from maisi_core.weights import state_digest
+    from maisi_core.engine.weights import state_digest
 
     mods = {"vae": tiny_pipe.vae, "unet": tiny_pipe.unet, "controlnet": tiny_pipe.controlnet}
     other = MaisiPipeline.from_config(presets.tiny(), device="cpu", init_seed=1)
@@ -197,7 +198,7 @@ def test_malformed_index_gives_one_line_errors(saved):
 
 def read_files(path):
     """The sha256 of each model file as save_pretrained records them."""
-    from maisi_core.weights import sha256_file
+    from maisi_core.digest import sha256_file
 
     return {f"{c}/{f}": sha256_file(path / c / f) for c in ("vae", "unet", "controlnet")
             for f in ("config.json", "model.safetensors")}

@@ -14,7 +14,7 @@ from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from factory.case import SleepGenerator, run_case
 from factory.plan import plan_dataset
-from maisi_core.qc import check_written_geometry
+from maisi_core.evaluation.qc import check_written_geometry
 
 
 def _request(tmp_path, retries: int = 1):

@@ -102,7 +102,8 @@ def _huge_header() -> bytes:
 
 
 def _make_models(base: Path) -> dict[str, Path]:
-    from maisi_core.weights import _digest_of, packaged_model_path, sha256_file
+    from maisi_core.digest import sha256_file
+    from maisi_core.engine.model_dir import _digest_of, packaged_model_path
 
     src = packaged_model_path("default")
     base.mkdir(parents=True)
@@ -309,7 +310,7 @@ def test_output_root_under_a_file_is_refused(tmp_path, capsys):
 ])
 def test_random_bytes_as_a_pt_checkpoint_are_one_line(payload, expected, tmp_path):
     from maisi_core.errors import WeightsError
-    from maisi_core.weights import load_torch_checkpoint
+    from maisi_core.engine.weights import load_torch_checkpoint
 
     path = tmp_path / "model.pt"
     path.write_bytes(payload)
