@@ -28,7 +28,13 @@ def _tupleize(value: Any) -> Any:
 
 
 class _ConfigMixin:
-    """``to_dict`` / ``from_dict`` shared by every config dataclass."""
+    """``to_dict`` / ``from_dict`` / ``to_kwargs`` shared by every config dataclass."""
+
+    _NOT_KWARGS: ClassVar[tuple[str, ...]] = ()  # fields that are not constructor arguments of the upstream class
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Return the upstream constructor's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._NOT_KWARGS}  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -104,10 +110,6 @@ class AutoencoderConfig(_ConfigMixin):
         """Image voxels per latent voxel along each axis (2 per level after the first)."""
         return 2 ** (len(self.num_channels) - 1)
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the constructor keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass(frozen=True)
 class DiffusionUNetConfig(_ConfigMixin):
@@ -149,10 +151,6 @@ class DiffusionUNetConfig(_ConfigMixin):
         """Latent voxels each spatial axis must be divisible by (2 per downsampling level)."""
         return 2 ** (len(self.num_channels) - 1)
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the constructor keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass(frozen=True)
 class ControlNetConfig(_ConfigMixin):
@@ -184,14 +182,12 @@ class ControlNetConfig(_ConfigMixin):
         """Mask voxels per latent voxel of the conditioning embedding (2 per level after the first)."""
         return 2 ** (len(self.conditioning_embedding_num_channels) - 1)
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the constructor keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass(frozen=True)
 class RFlowSchedulerConfig(_ConfigMixin):
     """Arguments of ``monai.networks.schedulers.RFlowScheduler`` (MAISI-v2), plus the step count."""
+
+    _NOT_KWARGS: ClassVar[tuple[str, ...]] = ("default_num_inference_steps",)  # ours, not the scheduler's
 
     name: ClassVar[str] = "rflow"
     num_train_timesteps: int = 1000
@@ -206,10 +202,6 @@ class RFlowSchedulerConfig(_ConfigMixin):
     spatial_dim: int = 3
     default_num_inference_steps: int = 30
 
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the constructor keyword arguments (the step count is not one)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "default_num_inference_steps"}
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **super().to_dict()}
 
@@ -217,6 +209,8 @@ class RFlowSchedulerConfig(_ConfigMixin):
 @dataclass(frozen=True)
 class DDPMSchedulerConfig(_ConfigMixin):
     """Arguments of ``monai.networks.schedulers.DDPMScheduler`` (MAISI-v1), plus the step count."""
+
+    _NOT_KWARGS: ClassVar[tuple[str, ...]] = ("default_num_inference_steps",)  # ours, not the scheduler's
 
     name: ClassVar[str] = "ddpm"
     num_train_timesteps: int = 1000
@@ -227,10 +221,6 @@ class DDPMSchedulerConfig(_ConfigMixin):
     clip_sample: bool = True
     prediction_type: str = "epsilon"
     default_num_inference_steps: int = 1000
-
-    def to_kwargs(self) -> dict[str, Any]:
-        """Return the constructor keyword arguments (the step count is not one)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "default_num_inference_steps"}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **super().to_dict()}
