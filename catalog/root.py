@@ -21,7 +21,6 @@ from typing import Any
 from catalog import fs as _fs
 from catalog.store import Catalog, open_catalog
 
-CATALOG_DIR = "catalog"
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
 VOLUME_SUFFIX = ".nii.gz"
@@ -68,10 +67,6 @@ class DatasetRoot:
             CatalogPathError: ``relative`` is absolute, a URI, or climbs out of the root.
         """
         return _fs.resolve_inside(self.uri, relative, who="DatasetRoot")
-
-    def case_files(self, sample_id: str) -> tuple[str, str]:
-        """The image and label paths of ``sample_id``, relative to the root."""
-        return f"{IMAGES_DIR}/{sample_id}{VOLUME_SUFFIX}", f"{LABELS_DIR}/{sample_id}{VOLUME_SUFFIX}"
 
     @property
     def card_uri(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from catalog.root import IMAGES_DIR, LABELS_DIR, VOLUME_SUFFIX
 from factory.errors import FactoryError, OutputPathError, SpecError, SpecIssue
 from factory.spec import Cohort, DatasetSpec, MaskSource, QCSettings, is_safe_name, spec_id
 
@@ -30,9 +31,6 @@ MAX_PLANNED_CASES = 100_000
 MAX_PLANNED_VOXELS = 2 * 10**12  # 10,000 full-size 512x512x768 cases; about 4 TB of int16 before gzip
 MAX_CASES_ENV = "CTFACTORY_MAX_CASES"
 MAX_VOXELS_ENV = "CTFACTORY_MAX_VOXELS"
-IMAGES_DIR = "images"
-LABELS_DIR = "labels"
-VOLUME_SUFFIX = ".nii.gz"
 
 # Output size (voxels) and spacing (mm) when a cohort gives none: sizes and fields of view inside the
 # released MAISI CT limits (x == y in {256, 384, 512}, FOV >= 256 mm; see maisi_core.engine.geometry).
@@ -142,21 +140,6 @@ def make_sample_id(dataset: str, cohort: str, index: int, sid: str) -> str:
         raise OutputPathError(f"make_sample_id expects letters, digits, '_', '.', '-', but got "
                               f"sample_id={sample_id!r}. Rename the dataset or cohort.")
     return sample_id
-
-
-def resolve_output_uri(root: str, relative: str) -> str:
-    """Join ``relative`` under ``root`` and check the result stays inside the root (``catalog.fs.resolve_inside``).
-
-    Raises:
-        OutputPathError: the relative path is absolute, has a scheme, or climbs out with ``..``.
-    """
-    from catalog.errors import CatalogPathError
-    from catalog.fs import resolve_inside
-
-    try:
-        return resolve_inside(root, relative, who="resolve_output_uri")
-    except CatalogPathError as exc:
-        raise OutputPathError(str(exc)) from None
 
 
 def case_paths(sample_id: str) -> tuple[str, str]:

@@ -1,8 +1,8 @@
-"""Storage options and file publishing for case outputs (local paths or fsspec URIs such as ``s3://``).
+"""Publishing case outputs under a :class:`catalog.root.DatasetRoot` (local paths or fsspec URIs such as ``s3://``).
 
 Storage options follow the catalog's convention (deltalake ``AWS_*`` keys, e.g. ``AWS_ENDPOINT_URL``);
-:func:`fsspec_options` translates them for ``maisi_core.io`` (s3fs keyword arguments), reusing the
-catalog's translation so both sides agree.
+``DatasetRoot.fsspec_options`` translates them for ``maisi_core.io`` (s3fs keyword arguments) with the
+catalog's own translation, so both sides agree.
 """
 
 from __future__ import annotations
@@ -15,20 +15,12 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from catalog.fs import fsspec_options as _catalog_fsspec_options  # shared AWS_* -> s3fs translation
 from catalog.fs import sha256_and_size
 from catalog.root import DatasetRoot
 
 logger = logging.getLogger(__name__)
 
 SaveFn = Callable[..., Any]
-
-
-def fsspec_options(uri: str, storage_options: Mapping[str, str] | None) -> dict[str, Any]:
-    """Return fsspec keyword arguments for ``uri`` (empty for local paths)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return {}
-    return _catalog_fsspec_options(storage_options)
 
 
 def sha256_of(uri: str, options: Mapping[str, Any]) -> str:

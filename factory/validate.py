@@ -47,8 +47,7 @@ MIN_CASES = 2
 def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | None = None,
                    max_cases: int = 64) -> list[dict[str, Any]]:
     """Return up to ``max_cases`` passing cases as dicts with ``image``, ``label``, ``spacing_mm``, ``sample_id``."""
-    from catalog.fs import resolve_uri
-    from factory.storage import fsspec_options
+    from catalog.root import DatasetRoot
     from maisi_core.io import load_image, load_label
 
     where = pc.field("status") == "passed"
@@ -57,10 +56,11 @@ def load_generated(cat: Catalog, *, spec_id: str | None = None, as_of: int | Non
     rows = cat.read_table("samples", as_of=as_of, filter=where,
                           columns=["sample_id", "image_uri", "label_uri", "spacing_mm"]).to_pylist()
     rows = sorted(rows, key=lambda r: r["sample_id"])[:max_cases]
+    root = DatasetRoot.of(cat.root_uri, cat.storage_options)
+    opts = root.fsspec_options() or None
     out = []
     for r in rows:
-        image_uri, label_uri = (resolve_uri(cat.root_uri, r[k]) for k in ("image_uri", "label_uri"))
-        opts = fsspec_options(image_uri, cat.storage_options) or None
+        image_uri, label_uri = (root.resolve(r[k]) for k in ("image_uri", "label_uri"))
         out.append({"sample_id": r["sample_id"], "spacing_mm": tuple(r["spacing_mm"]),
                     "image": load_image(image_uri, storage_options=opts).array,
                     "label": load_label(label_uri, storage_options=opts).array})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from _specs import tiny_spec
 from catalog.root import DatasetRoot
 from catalog.schema import CASE_FIELDS, SampleRecord
 from factory.case import SleepGenerator, run_case
 from factory.plan import CaseRequest, plan_dataset
-from factory.spec import parse_spec
 
 
 def test_every_shared_field_exists_on_both_sides():
@@ -15,20 +15,8 @@ def test_every_shared_field_exists_on_both_sides():
 
 
 def test_a_record_carries_the_request_values(tmp_path):
-    spec = parse_spec(f"""\
-name: fields
-version: "2"
-model: preset:tiny
-output_root: {tmp_path}
-cohorts:
-  - name: c
-    count: 2
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    pathology: {{type: lung_tumor, size_mm: [10, 20]}}
-    qc: {{organ_hu_check: false, tumor_check: false}}
-""")
+    spec = tiny_spec(tmp_path, name="fields", count=2, pathology="{type: lung_tumor, size_mm: [10, 20]}",
+                     qc="{organ_hu_check: false, tumor_check: false}")
     request = plan_dataset(spec).cases[1]
     record = run_case(request, SleepGenerator(0.0), root=DatasetRoot.of(tmp_path))
     for name in CASE_FIELDS:

@@ -12,7 +12,6 @@ from factory.plan import (
     format_plan,
     make_sample_id,
     plan_dataset,
-    resolve_output_uri,
 )
 from factory.spec import parse_spec, spec_id
 
@@ -82,12 +81,15 @@ def test_plan_unknown_model_directory():
 
 
 def test_plan_paths_stay_inside_root(tmp_path):
-    assert resolve_output_uri(str(tmp_path), "images/a.nii.gz") == str(tmp_path / "images" / "a.nii.gz")
-    assert resolve_output_uri("s3://b/root/", "images/a.nii.gz") == "s3://b/root/images/a.nii.gz"
+    from catalog.errors import CatalogPathError
+    from catalog.root import DatasetRoot
+
+    assert DatasetRoot.of(tmp_path).resolve("images/a.nii.gz") == str(tmp_path / "images" / "a.nii.gz")
+    assert DatasetRoot.of("s3://b/root/").resolve("images/a.nii.gz") == "s3://b/root/images/a.nii.gz"
     for bad in ("../x.nii.gz", "images/../../x", "/etc/passwd", "s3://other/x", ".."):
-        with pytest.raises(OutputPathError, match=r"resolve_output_uri expects a (relative path inside the output "
-                                                  r"root|path that stays inside)"):
-            resolve_output_uri(str(tmp_path), bad)
+        with pytest.raises(CatalogPathError, match=r"DatasetRoot expects a (relative path inside the output "
+                                                   r"root|path that stays inside)"):
+            DatasetRoot.of(tmp_path).resolve(bad)
     with pytest.raises(OutputPathError, match=r"case_paths expects a safe sample_id, but got sample_id='\.\./x'\."):
         case_paths("../x")
     with pytest.raises(OutputPathError, match=r"make_sample_id expects letters, digits"):
