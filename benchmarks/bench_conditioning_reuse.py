@@ -48,7 +48,7 @@ def main() -> None:
         try:
             t = time.perf_counter()
             out = pipe.generate(case.label_map, spacing_mm=(6.0, 6.0, 6.0), seed=5)
-            return time.perf_counter() - t, out.timings_s["denoise"], out.image_hu
+            return time.perf_counter() - t, out.timings_s["denoise"], out.image
         finally:
             pipeline_module.embed_control, pipeline_module.controlnet_residuals = embed, residuals
 

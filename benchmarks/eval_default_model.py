@@ -77,7 +77,7 @@ def run_tumor_set(pipe, args) -> dict:
     for i in range(args.tumor_cases):
         label_map, affine, phantom, tumor_id, size_mm = tumor_ct(args.seed_base + 300_000 + i, i)
         out = pipe.generate(label_map, spacing_mm=SPACING, seed=i, num_inference_steps=args.steps)
-        result = qc.check_case(out.image_hu, label_map, affine=affine, expected_tumors={tumor_id: size_mm})
+        result = qc.check_case(out.image, label_map, affine=affine, expected_tumors={tumor_id: size_mm})
         kinds = {f.check for f in result.failures}
         passed.append(result.passed)
         contrast_ok.append("tumor_contrast" not in kinds and "tumor" not in kinds)
@@ -87,7 +87,7 @@ def run_tumor_set(pipe, args) -> dict:
         row["phantom"].append(measure_tumor(phantom, label_map, tumor_id, affine).contrast_hu)
         row["pass"].append(contrast_ok[-1])
         if i < args.previews:
-            preview.save_preview_png(out.image_hu, label_map, args.out / f"tumor_generated_{i:02d}.png")
+            preview.save_preview_png(out.image, label_map, args.out / f"tumor_generated_{i:02d}.png")
             preview.save_preview_png(phantom, label_map, args.out / f"tumor_phantom_{i:02d}.png")
         print(f"tumour case {i:2d} {name}: contrast {row['generated'][-1]:+.0f} HU "
               f"(phantom {row['phantom'][-1]:+.0f}), qc {result.summary()}", flush=True)
@@ -178,13 +178,13 @@ def main() -> None:
         out = pipe.generate(label_map, spacing_mm=SPACING, seed=i, num_inference_steps=args.steps)
         gen_s.append(time.perf_counter() - t)
         tumors = {t: TRAINING_TUMOR_MM for t in tumor_ids_in(label_map)}
-        result = qc.check_case(out.image_hu, label_map, affine=out.affine, expected_tumors=tumors)
+        result = qc.check_case(out.image, label_map, affine=out.affine, expected_tumors=tumors)
         labels.append(label_map)
-        generated.append(out.image_hu)
+        generated.append(out.image)
         paired_phantoms.append(phantom)
         qc_results.append(result)
         if i < args.previews:
-            preview.save_preview_png(out.image_hu, label_map, args.out / f"generated_{i:02d}.png")
+            preview.save_preview_png(out.image, label_map, args.out / f"generated_{i:02d}.png")
             preview.save_preview_png(phantom, label_map, args.out / f"phantom_{i:02d}.png")
         print(f"case {i:2d} {REGIONS[i % len(REGIONS)]}: {gen_s[-1]:.1f} s, qc {result.summary()}", flush=True)
 

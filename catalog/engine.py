@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.errors import QueryError
-from catalog.schema import DATASETS_SCHEMA, SAMPLES_SCHEMA, conform_table
+from catalog.schema import DATASETS_SCHEMA, RENAMED_COLUMNS, SAMPLES_SCHEMA, conform_table
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -83,9 +83,10 @@ def _samples_dataset(catalog: CatalogReader, as_of: int | None):
     table = catalog.delta_table("samples", version=as_of)
     dataset = table.to_pyarrow_dataset()
     missing = [f for f in SAMPLES_SCHEMA if f.name not in dataset.schema.names]
-    if not missing:
+    renamed = [old for old in RENAMED_COLUMNS.values() if old in dataset.schema.names]
+    if not missing and not renamed:
         return dataset
-    # An older table: read it eagerly and fill the newer columns with nulls.
+    # An older table: read it eagerly, fill the newer columns with nulls and read renamed ones by their old name.
     return conform_table(dataset.to_table(), SAMPLES_SCHEMA)
 
 

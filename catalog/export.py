@@ -142,6 +142,15 @@ def _check_file_ending(rows: list[dict[str, Any]]) -> None:
                                   f"for sample_id={row['sample_id']!r}.")
 
 
+def image_modality(rows: list[dict[str, Any]]) -> str:
+    """The one modality of the exported images (``"CT"``, ``"MR"``): a training folder holds one channel."""
+    found = sorted({row.get("modality") or "CT" for row in rows})
+    if len(found) != 1:
+        raise ExportError(f"export expects images of one modality, but got modality={found}. Export each "
+                          "modality's rows to its own folder.")
+    return found[0]
+
+
 def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, dataset_id: int = 500,
                   name: str | None = None, overwrite: bool = False) -> ExportResult:
     """Write ``dest/DatasetNNN_Name`` in nnU-Net v2 raw layout with consecutive label IDs.
@@ -160,6 +169,7 @@ def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = Non
     if not 1 <= int(dataset_id) <= 999:
         raise ExportError(f"export_nnunet expects dataset_id in 1..999, but got dataset_id={dataset_id}.")
     version, rows = passing_rows(catalog, as_of=as_of)
+    modality = image_modality(rows)
     _check_file_ending(rows)
     name = re.sub(r"[^A-Za-z0-9]", "", (name or rows[0]["dataset"] or "Synthetic").title()) or "Synthetic"
     folder = prepare_destination(dest, overwrite=overwrite) / f"Dataset{int(dataset_id):03d}_{name}"
@@ -180,8 +190,8 @@ def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = Non
         nib.save(out, str(folder / "labelsTr" / f"{case}{FILE_ENDING}"))
     labels = {"background": 0} | {names[old]: new for new, old in enumerate(maisi_ids, start=1)}
     meta = {
-        "name": name, "description": f"Synthetic CT from {rows[0]['model_name']} (ctfactory)",
-        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(rows),
+        "name": name, "description": f"Synthetic {modality} from {rows[0]['model_name']} (ctfactory)",
+        "channel_names": {"0": modality}, "labels": labels, "numTraining": len(rows),
         "file_ending": FILE_ENDING,
         "maisi_label_ids": {str(new): old for new, old in enumerate(maisi_ids, start=1)},
         "ctfactory": _provenance(catalog, rows, version),
@@ -198,6 +208,7 @@ def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
     Labels keep their MAISI IDs; ``labels`` names the IDs present.
     """
     version, rows = passing_rows(catalog, as_of=as_of)
+    modality = image_modality(rows)
     folder = prepare_destination(dest, overwrite=overwrite)
     maisi_ids = collect_label_ids(catalog, rows)
     names = _label_names(maisi_ids)
@@ -214,9 +225,9 @@ def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
             "seed": row["seed"], "cohort": row["cohort"],
         })
     meta = {
-        "name": rows[0]["dataset"], "description": f"Synthetic CT from {rows[0]['model_name']} (ctfactory)",
+        "name": rows[0]["dataset"], "description": f"Synthetic {modality} from {rows[0]['model_name']} (ctfactory)",
         "reference": "ctfactory / NVIDIA MAISI", "licence": _licence(catalog, version),
-        "release": rows[0]["dataset_version"], "tensorImageSize": "3D", "modality": {"0": "CT"},
+        "release": rows[0]["dataset_version"], "tensorImageSize": "3D", "modality": {"0": modality},
         "labels": {"0": "background"} | {str(i): names[i] for i in maisi_ids},
         "numTraining": len(rows), "numTest": 0, "training": training, "test": [],
         "ctfactory": _provenance(catalog, rows, version),

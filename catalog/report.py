@@ -74,7 +74,7 @@ def plot_organ_hu(rows: list[dict[str, Any]], ranges: dict[str, tuple[float, flo
 
     values: dict[str, list[float]] = {}
     for row in rows:
-        for organ, hu in (row.get("organ_hu_median") or {}).items():
+        for organ, hu in (row.get("organ_median") or {}).items():
             values.setdefault(organ, []).append(hu)
     organs = sorted(values)
     if not organs:
@@ -229,7 +229,7 @@ def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_preview
     if not rows:
         raise ReportError(f"report expects at least one sample row, but got 0 at version={version}.")
     for row in rows:
-        row["organ_hu_median"] = dict(row["organ_hu_median"] or [])
+        row["organ_median"] = dict(row["organ_median"] or [])
     datasets = catalog.read_table("datasets", as_of=version).to_pylist() if catalog.exists("datasets") else []
     for row in datasets:
         row["metrics"] = dict(row["metrics"] or [])

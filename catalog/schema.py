@@ -3,7 +3,8 @@
 Schema changes are additive: a new column is appended to the pyarrow schema below and
 ``SCHEMA_VERSION`` goes up by one. Tables written by older code (missing newer columns) still read,
 with the missing columns filled with nulls by :func:`conform_table`, and appends add the columns
-through Delta Lake's schema merge.
+through Delta Lake's schema merge. A renamed column (:data:`RENAMED_COLUMNS`) reads from its old name
+in rows written before the rename; the old column stays in the stored files and is never shown.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import CatalogPathError, RecordError, SchemaMismatchError
 from catalog.fs import relative_path
 
-SCHEMA_VERSION = 4  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
-# 4: samples.cpu_threads
+SCHEMA_VERSION = 5  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
+# 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -53,7 +55,7 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False),
     pa.field("qc_pass", pa.bool_(), nullable=False),
     pa.field("qc_failures", pa.list_(pa.string())),
-    pa.field("organ_hu_median", _FLOAT_MAP),
+    pa.field("organ_median", _FLOAT_MAP),  # organ -> median intensity, in the modality's unit (CT: HU)
     pa.field("timings_s", _FLOAT_MAP),
     pa.field("device", pa.string()),
     pa.field("failure_reason", pa.string()),
@@ -64,7 +66,13 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("tumor_diameter_mm", pa.float64()),  # v3: equivalent-sphere diameter of the labelled tumour
     pa.field("label_agreement", _FLOAT_MAP),  # v3: structure -> fraction of voxels in its tissue HU range
     pa.field("cpu_threads", pa.int32()),  # v4: torch CPU threads of the worker that made it; null in older rows
+    pa.field("modality", pa.string()),  # v5: "CT" or "MR", the unit of the intensity columns (read as CT before)
 ])
+
+# Columns renamed in a schema version: current name -> the name rows written before it carry.
+RENAMED_COLUMNS: dict[str, str] = {"organ_median": "organ_hu_median"}  # v5
+# Values that rows written before a column existed implicitly had: every row before v5 is CT.
+IMPLIED_VALUES: dict[str, Any] = {"modality": "CT"}
 
 DATASETS_SCHEMA = pa.schema([
     pa.field("dataset", pa.string(), nullable=False),
@@ -138,7 +146,7 @@ class SampleRecord:
     image_bytes: int | None = None
     label_bytes: int | None = None
     qc_failures: Sequence[str] = ()
-    organ_hu_median: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    organ_median: Mapping[str, float] = dataclasses.field(default_factory=dict)
     timings_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
     device: str = ""
     precision: str = ""
@@ -146,6 +154,7 @@ class SampleRecord:
     tumor_contrast_hu: float | None = None
     tumor_diameter_mm: float | None = None
     label_agreement: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    modality: str = "CT"
     failure_reason: str | None = None
     created_at: datetime = dataclasses.field(default_factory=utc_now)
     schema_version: int = SCHEMA_VERSION
@@ -159,7 +168,7 @@ class SampleRecord:
         row["output_size"] = [int(v) for v in self.output_size]
         row["spacing_mm"] = [float(v) for v in self.spacing_mm]
         row["qc_failures"] = [str(v) for v in self.qc_failures]
-        row["organ_hu_median"] = {str(k): float(v) for k, v in self.organ_hu_median.items()}
+        row["organ_median"] = {str(k): float(v) for k, v in self.organ_median.items()}
         row["timings_s"] = {str(k): float(v) for k, v in self.timings_s.items()}
         row["label_agreement"] = {str(k): float(v) for k, v in self.label_agreement.items()}
         return {name: row[name] for name in SAMPLES_SCHEMA.names}
@@ -250,6 +259,10 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Ta
 def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Return ``table`` with ``schema``'s columns first (missing ones as nulls) and extra columns after.
 
+    A column renamed since the table was written (:data:`RENAMED_COLUMNS`) takes its values from the old
+    name where the new one is null; the old column is dropped. A column added with a value that older
+    rows implicitly had (:data:`IMPLIED_VALUES`) is filled with it.
+
     Args:
         table: A table read from storage, maybe written by an older schema version.
         schema: The current schema.
@@ -257,24 +270,44 @@ def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
     Raises:
         SchemaMismatchError: When a stored column cannot be cast to its current type.
     """
-    arrays, fields = [], []
+    arrays, fields, merged = [], [], set()
     for field in schema:
-        if field.name in table.column_names:
-            column = table.column(field.name)
-            if column.type != field.type:
-                try:
-                    column = column.cast(field.type)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise SchemaMismatchError(
-                        f"Catalog expects column {field.name!r} of type {field.type}, but got "
-                        f"type={column.type}. The stored table was written by incompatible code."
-                    ) from exc
-        else:
+        column = _stored_column(table, field.name, field.type)
+        old_name = RENAMED_COLUMNS.get(field.name)
+        if old_name is not None and old_name in table.column_names:
+            old = _stored_column(table, old_name, field.type)
+            column = old if column is None else pc.coalesce(column, old)
+            merged.add(old_name)
+        if column is None:
             column = pa.nulls(table.num_rows, type=field.type)
+        if field.name in IMPLIED_VALUES:
+            column = pc.fill_null(column, pa.scalar(IMPLIED_VALUES[field.name], type=field.type))
         arrays.append(column)
         fields.append(field.with_nullable(True))
     for name in table.column_names:
-        if name not in schema.names:
+        if name not in schema.names and name not in merged:
             arrays.append(table.column(name))
             fields.append(table.schema.field(name))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def stored_names(names: Sequence[str]) -> list[str]:
+    """Return ``names`` plus the old names of any renamed among them: the columns to scan for them."""
+    out = list(names)
+    out += [RENAMED_COLUMNS[n] for n in names if n in RENAMED_COLUMNS and RENAMED_COLUMNS[n] not in out]
+    return out
+
+
+def _stored_column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | None:
+    if name not in table.column_names:
+        return None
+    column = table.column(name)
+    if column.type == type_:
+        return column
+    try:
+        return column.cast(type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaMismatchError(
+            f"Catalog expects column {name!r} of type {type_}, but got type={column.type}. The stored table "
+            "was written by incompatible code."
+        ) from exc

@@ -47,6 +47,7 @@ from catalog.schema import (
     SampleRecord,
     conform_table,
     rows_to_table,
+    stored_names,
     utc_now,
 )
 
@@ -158,7 +159,7 @@ class Catalog:
             with self.reading(name):
                 dataset = self.delta_table(name, version=as_of).to_pyarrow_dataset()
                 present = set(dataset.schema.names)
-                scan_columns = None if columns is None else [c for c in columns if c in present]
+                scan_columns = None if columns is None else [c for c in stored_names(columns) if c in present]
                 table = dataset.to_table(columns=scan_columns, filter=filter)
             table = conform_table(table, _SCHEMAS[name])
         if columns is not None:

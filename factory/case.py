@@ -86,7 +86,7 @@ class PipelineGenerator:
         with self._lock:
             out = self.pipeline.generate(mask.label_map, spacing_mm=request.spacing_mm, seed=seed,
                                          num_inference_steps=request.num_inference_steps, affine=mask.affine)
-        return GeneratedVolume(out.image_hu, out.label_map, out.affine, dict(out.timings_s))
+        return GeneratedVolume(out.image, out.label_map, out.affine, dict(out.timings_s))
 
 
 class SleepGenerator:
@@ -258,7 +258,7 @@ def _qc_fields(qc: Any, tumor_label: int | None) -> dict[str, Any]:
     from maisi_core.anatomy.labels import label_name
 
     name = label_name(tumor_label) if tumor_label is not None else None
-    return {"organ_hu_median": dict(qc.organ_hu_median), "label_agreement": dict(qc.label_agreement),
+    return {"organ_median": dict(qc.organ_hu_median), "label_agreement": dict(qc.label_agreement),
             "tumor_contrast_hu": qc.tumor_contrast_hu.get(name), "tumor_diameter_mm": qc.tumor_diameter_mm.get(name)}
 
 

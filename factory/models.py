@@ -57,11 +57,11 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
     name = preset_name(ref)
     try:
         if name is not None:
-            return get_preset(name)
+            return _require_ct(get_preset(name), ref)
         if _model_dir_available(ref):
-            return read_model_config(ref)
+            return _require_ct(read_model_config(ref), ref)
         if preset is not None:
-            return get_preset(preset)
+            return _require_ct(get_preset(preset), ref)
     except ConfigError as exc:
         raise ModelRefError(str(exc)) from None
     raise ModelRefError(
@@ -69,6 +69,20 @@ def pipeline_config(ref: str, *, preset: str | None = None) -> PipelineConfig:
         f"model_index.json, but got model={ref!r}, which is not on this machine. Give model.preset "
         f"(e.g. maisi_ct_rflow) to plan without the weights, or use 'preset:tiny' for a CPU demo."
     )
+
+
+def _require_ct(config: PipelineConfig, ref: str) -> PipelineConfig:
+    """The factory publishes CT (int16 HU files, HU quality checks): refuse a model of another modality."""
+    from maisi_core.modality import convention_for_code
+
+    convention = convention_for_code(config.modality)
+    if convention.name != "CT":
+        raise ModelRefError(
+            f"load_pipeline expects a CT model (modality code 0-7), but got model={ref!r} with modality="
+            f"{config.modality} ({convention.name}). The factory writes and checks CT in HU; an "
+            f"{convention.name} model can run through maisi_core.MaisiPipeline directly."
+        )
+    return config
 
 
 def geometry_rules(ref: str, *, preset: str | None = None) -> GeometryRules:
@@ -112,6 +126,7 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
                 pipe = MaisiPipeline.from_pretrained(ref, device=dev, decode_preset=decode_preset, precision=prec)
         except (ConfigError, DeviceError, WeightsNotFoundError) as exc:
             raise ModelRefError(f"load_pipeline could not load model={ref!r}: {exc}") from None
+        _require_ct(pipe.config, ref)
         logger.info("loaded model %s on %s (%s)", ref, dev, prec)
         _cache[key] = pipe
         return pipe

@@ -124,13 +124,13 @@ def _train_corpus(args: argparse.Namespace, config):
     spacing = args.spacing_mm or 384.0 / size[0]
     if args.data is not None:
         cases = load_nifti_corpus(args.data, output_size_vox=size, spacing_mm=(spacing,) * 3,
-                                  intensity_range_hu=config.intensity_range_hu)
+                                  intensity_range_hu=config.intensity_range)
         return cases, f"NIfTI pairs from {args.data} ({len(cases)} cases, {size} at {spacing:g} mm)"
     corpus = PhantomCorpusConfig(num_cases=args.phantom_cases, output_size_vox=size,
                                  spacing_xy_mm=(0.83 * spacing, 1.17 * spacing),
                                  spacing_z_mm=(0.83 * spacing, 1.17 * spacing),
                                  tumor_probability=args.tumor_probability)
-    cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range_hu,
+    cases = generate_phantom_corpus(corpus, seed=args.seed, intensity_range_hu=config.intensity_range,
                                     workers=args.corpus_workers)
     return cases, f"procedural phantom + intensity model ({len(cases)} cases, {size}, seed {args.seed})"
 

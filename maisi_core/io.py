@@ -40,7 +40,7 @@ from maisi_core.errors import (
     VolumeNotFoundError,
 )
 from maisi_core.engine.geometry import affine_from_spacing  # re-exported for io users
-from maisi_core.modality import CT_HU_RANGE
+from maisi_core.modality import CONVENTIONS
 
 try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio
     from isal import igzip as _fast_gzip
@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger(__name__)
 
-HU_MIN, HU_MAX = (int(v) for v in CT_HU_RANGE)  # the writer's clip range
 DEFAULT_COMPRESSLEVEL = 1
 LABEL_MAX_ID = 65535
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -65,7 +64,7 @@ _GZIP_CHUNK_BYTES = 8 * 2**20  # zlib and isal release the GIL, so chunks compre
 _GZIP_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 __all__ = [
-    "DEFAULT_COMPRESSLEVEL", "HU_MAX", "HU_MIN", "FileInfo", "ImageVolume", "LabelVolume", "Volume",
+    "DEFAULT_COMPRESSLEVEL", "FileInfo", "ImageVolume", "LabelVolume", "Volume",
     "affine_from_spacing", "load_image", "load_label", "save_image", "save_label",
 ]
 
@@ -104,7 +103,7 @@ class Volume:
 
 @dataclass(frozen=True, eq=False)
 class ImageVolume(Volume):
-    """A CT image in HU, ``(X, Y, Z)``; int16 as written by :func:`save_image`."""
+    """An image ``(X, Y, Z)`` (CT: HU); int16 as written by :func:`save_image`."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,18 +113,22 @@ class LabelVolume(Volume):
 
 def save_image(
     uri: str | os.PathLike,
-    image_hu: np.ndarray,
+    image: np.ndarray,
     affine: np.ndarray,
     *,
+    modality: str = "CT",
     storage_options: Mapping[str, Any] | None = None,
     compresslevel: int = DEFAULT_COMPRESSLEVEL,
     overwrite: bool = False,
 ) -> FileInfo:
-    """Write a CT image as int16 HU (clipped to [-1024, 3071], rounded) to a ``.nii`` or ``.nii.gz`` URI.
+    """Write an image as rounded int16 in its modality's stored range to a ``.nii`` or ``.nii.gz`` URI.
+
+    CT is written as HU clipped to [-1024, 3071]; MR to [0, 32767] (see :mod:`maisi_core.modality`).
 
     Args:
         uri: local path or fsspec URI; ``.gz`` suffix means gzip.
-        image_hu: HU values ``(X, Y, Z)``, any real dtype; NaN/inf are refused.
+        image: values ``(X, Y, Z)`` in the modality's unit (CT: HU), any real dtype; NaN/inf are refused.
+        modality: ``"CT"`` or ``"MR"``, whose stored range the values are clipped to.
         affine: ``(4, 4)`` voxel-to-RAS matrix in mm.
         storage_options: passed to fsspec for remote URIs.
         compresslevel: gzip level (0-9; isal uses 0-3 and caps higher values at 3).
@@ -134,19 +137,23 @@ def save_image(
     Returns:
         The URI, sha256 and size of the bytes written.
     """
-    arr = np.asarray(image_hu)
+    convention = CONVENTIONS.get(modality)
+    if convention is None:
+        raise ImageError(f"save_image expects modality in {sorted(CONVENTIONS)}, but got modality={modality!r}.")
+    arr = np.asarray(image)
     if arr.ndim != 3:
         raise ImageError(f"save_image expects a 3D image (X, Y, Z), but got shape={arr.shape}. Squeeze extra axes.")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ImageError(f"save_image expects a real-valued image in HU, but got dtype={arr.dtype}.")
+        raise ImageError(f"save_image expects a real-valued image, but got dtype={arr.dtype}.")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise ImageError(
-                f"save_image expects finite HU values, but got {int(np.count_nonzero(~np.isfinite(arr)))} "
+                f"save_image expects finite values, but got {int(np.count_nonzero(~np.isfinite(arr)))} "
                 "NaN/inf voxels. Fix the decoder output before writing."
             )
         arr = np.rint(arr)
-    data = np.clip(arr, HU_MIN, HU_MAX).astype(np.int16)
+    low, high = (int(v) for v in convention.stored_range)
+    data = np.clip(arr, low, high).astype(np.int16)
     return _write_nifti(uri, data, affine, storage_options, compresslevel, overwrite, who="save_image")
 
 

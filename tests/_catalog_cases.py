@@ -26,7 +26,7 @@ def make_record(index: int, **overrides) -> SampleRecord:
         mask_id=f"phantom-{index}", image_uri=f"images/case_{index:04d}.nii.gz",
         label_uri=f"labels/case_{index:04d}.nii.gz", image_sha256="a" * 64, label_sha256="b" * 64,
         image_bytes=100, label_bytes=50, status="passed", qc_pass=True,
-        organ_hu_median={"liver": 60.0 + index, "spleen": 45.0}, timings_s={"generate": 1.5},
+        organ_median={"liver": 60.0 + index, "spleen": 45.0}, timings_s={"generate": 1.5},
         device="cpu",
     )
     values.update(overrides)

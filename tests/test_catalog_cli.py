@@ -25,7 +25,7 @@ def test_cli_query_filters_and_formats(root, capsys, tmp_path):
     assert main(["catalog", "query", str(root), "--region", "abdomen", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["sample_id"] for r in rows) == ["case_0000", "case_0002"]
-    assert rows[0]["organ_hu_median"]["spleen"] == 45.0
+    assert rows[0]["organ_median"]["spleen"] == 45.0
     assert main(["catalog", "query", str(root), "--qc", "fail", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and '"case_0003"' in lines[1]
@@ -71,7 +71,7 @@ def test_cli_query_table_shows_a_short_sorted_column_set(root, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["sample_id", "seed"] and out[-1] == "(2 rows)"
     assert main(["catalog", "query", str(root), "--all"]) == 0
-    assert "organ_hu_median" in capsys.readouterr().out.splitlines()[0]
+    assert "organ_median" in capsys.readouterr().out.splitlines()[0]
     assert main(["catalog", "query", str(root), "--columns", "sample_ig"]) == 2
     assert "got column='sample_ig'. Did you mean 'sample_id'?" in capsys.readouterr().err
 

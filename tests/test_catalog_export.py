@@ -53,6 +53,21 @@ def test_export_nnunet_layout_and_consecutive_labels(root, tmp_path):
     assert src.read_bytes() == before
 
 
+def test_exports_name_the_rows_modality_and_refuse_mixed_modalities(tmp_path):
+    root = tmp_path / "root"
+    cat = open_catalog(root)
+    cat.append_samples([write_case(root, 0, modality="MR"), write_case(root, 1, modality="MR")])
+    export_nnunet(cat, tmp_path / "raw", dataset_id=7)
+    meta = json.loads((tmp_path / "raw" / "Dataset007_Demo" / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "MR"} and meta["description"].startswith("Synthetic MR")
+    export_msd(cat, tmp_path / "msd")
+    assert json.loads((tmp_path / "msd" / "dataset.json").read_text())["modality"] == {"0": "MR"}
+    cat.append_samples([write_case(root, 2)])
+    with pytest.raises(ExportError, match=r"export expects images of one modality, but got modality=\['CT', 'MR'\]"):
+        export_nnunet(cat, tmp_path / "mixed", dataset_id=8)
+    assert not (tmp_path / "mixed").exists()  # refused before anything is written
+
+
 def test_export_refuses_non_empty_destination_unless_overwrite(root, tmp_path):
     dest = tmp_path / "raw"
     export_nnunet(open_catalog(root), dest, dataset_id=42)

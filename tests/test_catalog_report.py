@@ -21,7 +21,7 @@ from flows.cli import main
 def report_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_root")
     cat = open_catalog(root)
-    cat.append_samples([write_case(root, i, organ_hu_median={"liver": 60.0 + 10 * i, "spleen": 45.0 - 5 * i,
+    cat.append_samples([write_case(root, i, organ_median={"liver": 60.0 + 10 * i, "spleen": 45.0 - 5 * i,
                                                              "bone": 400.0}) for i in range(4)]
                        + [make_failed_record(9, attempt=2)])
     cat.append_dataset({"dataset": "demo", "dataset_version": "1", "spec": "name: demo\ncount: 4\n",

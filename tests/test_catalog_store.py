@@ -29,7 +29,7 @@ def test_append_samples_creates_versions_and_reads_back(tmp_path):
     assert table.schema.names[: len(SAMPLES_SCHEMA)] == SAMPLES_SCHEMA.names
     row = {r["sample_id"]: r for r in table.to_pylist()}["case_0001"]
     assert row["output_size"] == [32, 32, 32]
-    assert dict(row["organ_hu_median"]) == {"liver": 61.0, "spleen": 45.0}
+    assert dict(row["organ_median"]) == {"liver": 61.0, "spleen": 45.0}
     assert row["schema_version"] == SCHEMA_VERSION
     assert str(row["created_at"].tzinfo) == "UTC"
     failed = {r["sample_id"]: r for r in table.to_pylist()}["case_0003"]
@@ -66,8 +66,8 @@ def test_append_samples_same_record_with_other_timings_is_a_no_op(tmp_path):
 def test_append_samples_changed_row_raises_record_exists(tmp_path):
     cat = open_catalog(tmp_path)
     cat.append_samples([make_record(i) for i in range(3)])
-    with pytest.raises(RecordExistsError, match=r"sample_id='case_0001' with different organ_hu_median, seed\."):
-        cat.append_samples([make_record(1, seed=7, organ_hu_median={"liver": 1.0})])
+    with pytest.raises(RecordExistsError, match=r"sample_id='case_0001' with different organ_median, seed\."):
+        cat.append_samples([make_record(1, seed=7, organ_median={"liver": 1.0})])
     assert issubclass(RecordExistsError, FileExistsError) and issubclass(RecordExistsError, CatalogError)
     assert cat.version == 0
 
@@ -161,6 +161,35 @@ def test_older_schema_table_reads_and_appends(tmp_path):
     both = {r["sample_id"]: r for r in cat.read_table().to_pylist()}
     assert both["case_0003"]["device"] == "cuda:0" and both["case_0000"]["device"] is None
     assert cat.read_table(as_of=0).num_rows == 3
+
+
+def test_v4_table_reads_organ_hu_median_as_organ_median(tmp_path):
+    """A table written before v5 (``organ_hu_median``, no ``modality``) reads and takes appends with the new names."""
+    def v4_row(i: int) -> dict:
+        row = make_record(i).to_row()
+        row["organ_hu_median"] = row.pop("organ_median")
+        row.pop("modality")
+        return {**row, "schema_version": 4}
+
+    fields = [SAMPLES_SCHEMA.field("organ_median").with_name("organ_hu_median") if f.name == "organ_median" else f
+              for f in SAMPLES_SCHEMA if f.name != "modality"]
+    uri = tmp_path / "catalog" / "samples"
+    write_deltalake(str(uri), pa.Table.from_pylist([v4_row(i) for i in range(3)], schema=pa.schema(fields)))
+    cat = open_catalog(tmp_path)
+    old = cat.read_table()
+    assert old.schema.names == SAMPLES_SCHEMA.names  # the old name is not shown
+    assert dict(old.to_pylist()[1]["organ_median"]) == {"liver": 61.0, "spleen": 45.0}
+    assert dict(cat.read_table(columns=["sample_id", "organ_median"]).to_pylist()[2]["organ_median"])["liver"] == 62.0
+    # an identical row re-committed under the new name is the same record, not a conflict
+    assert cat.append_samples([make_record(1)]) == 0
+    assert cat.append_samples([make_record(3)]) == 1
+    rows = {r["sample_id"]: r for r in cat.read_table().to_pylist()}
+    assert set(rows) == {f"case_000{i}" for i in range(4)}
+    assert all(dict(r["organ_median"])["spleen"] == 45.0 for r in rows.values())
+    assert rows["case_0003"]["modality"] == rows["case_0000"]["modality"] == "CT"  # every row before v5 was CT
+    sql = cat.sql("SELECT sample_id, organ_median['liver'] AS liver FROM samples ORDER BY sample_id")
+    assert sql["liver"].to_pylist() == [60.0, 61.0, 62.0, 63.0] and "organ_hu_median" not in sql.column_names
+    assert "organ_hu_median" not in cat.sql("SELECT * FROM samples LIMIT 1").column_names
 
 
 _WRITER = textwrap.dedent("""

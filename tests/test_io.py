@@ -57,6 +57,16 @@ def test_save_image_round_trip_keeps_affine_spacing_and_int16_hu(tmp_path, case)
     assert info.sha256 == hashlib.sha256(raw).hexdigest() and info.n_bytes == len(raw)
 
 
+def test_save_image_clips_each_modality_to_its_own_stored_range(tmp_path):
+    image = np.array([-20.0, 0.4, 999.6, 5000.0], np.float32).reshape(4, 1, 1)
+    mr = mio.load_image(mio.save_image(tmp_path / "mr.nii.gz", image, AFFINE, modality="MR").uri)
+    assert mr.array.ravel().tolist() == [0, 0, 1000, 5000]  # MR: no upper clip at 3071 HU
+    ct = mio.load_image(mio.save_image(tmp_path / "ct.nii.gz", image, AFFINE).uri)
+    assert ct.array.ravel().tolist() == [-20, 0, 1000, 3071]
+    with pytest.raises(ImageError, match=r"save_image expects modality in \['CT', 'MR'\], but got modality='PET'"):
+        mio.save_image(tmp_path / "pet.nii.gz", image, AFFINE, modality="PET")
+
+
 def test_saved_files_are_readable_by_plain_nibabel_with_sform_and_qform(tmp_path, case):
     image, label = case
     mio.save_image(tmp_path / "i.nii.gz", image, AFFINE)
@@ -147,7 +157,7 @@ def test_fsspec_memory_uri_round_trip_and_overwrite_rule(case):
 def test_save_image_refuses_nan_bad_shape_bad_affine_and_bad_suffix(tmp_path):
     bad = np.zeros((4, 4, 4), np.float32)
     bad[0, 0, 0] = np.nan
-    with pytest.raises(ImageError, match=r"save_image expects finite HU values, but got 1 NaN/inf voxels"):
+    with pytest.raises(ImageError, match=r"save_image expects finite values, but got 1 NaN/inf voxels"):
         mio.save_image(tmp_path / "a.nii.gz", bad, AFFINE)
     with pytest.raises(ImageError, match=r"save_image expects a 3D image \(X, Y, Z\), but got shape=\(4, 4\)"):
         mio.save_image(tmp_path / "a.nii.gz", np.zeros((4, 4)), AFFINE)

@@ -13,10 +13,10 @@ from maisi_core.engine.pipeline import encode_labels_8bit
 
 def test_generate_labelled_32_cube_on_cpu(tiny_pipe, label_map):
     out = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=0, num_inference_steps=2)
-    assert out.image_hu.shape == (32, 32, 32) and out.image_hu.dtype == np.float32
+    assert out.image.shape == (32, 32, 32) and out.image.dtype == np.float32
     assert out.label_map.dtype == np.uint8 and np.array_equal(out.label_map, label_map)
-    assert out.image_hu.min() >= -1000 and out.image_hu.max() <= 1000
-    assert (out.image_hu[label_map == 0] == -1000).all()
+    assert out.image.min() >= -1000 and out.image.max() <= 1000
+    assert (out.image[label_map == 0] == -1000).all()
     assert np.allclose(np.diag(out.affine)[:3], 1.5)
     assert set(out.timings_s) >= {"denoise", "decode", "total"}
 
@@ -25,8 +25,8 @@ def test_same_seed_gives_identical_volume_and_other_seed_differs(tiny_pipe, labe
     a = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=7, num_inference_steps=2)
     b = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=7, num_inference_steps=2)
     c = tiny_pipe.generate(label_map, spacing_mm=(1.5, 1.5, 1.5), seed=8, num_inference_steps=2)
-    assert np.array_equal(a.image_hu, b.image_hu)
-    assert not np.array_equal(a.image_hu, c.image_hu)
+    assert np.array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
 
 
 def test_two_pipelines_from_same_config_agree(label_map):
@@ -34,7 +34,7 @@ def test_two_pipelines_from_same_config_agree(label_map):
     p2 = MaisiPipeline.from_config(presets.tiny(), device="cpu", init_seed=0)
     a = p1.generate(label_map, spacing_mm=(2.0, 2.0, 2.0), seed=1, num_inference_steps=2)
     b = p2.generate(label_map, spacing_mm=(2.0, 2.0, 2.0), seed=1, num_inference_steps=2)
-    assert np.array_equal(a.image_hu, b.image_hu)
+    assert np.array_equal(a.image, b.image)
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -54,8 +54,8 @@ def test_condition_changes_output(label_map):
     a = tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
     b = tiny_pipe.generate(other, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
     c = tiny_pipe.generate(label_map, spacing_mm=(3.0,) * 3, seed=0, num_inference_steps=2)
-    assert not np.array_equal(a.image_hu, b.image_hu)
-    assert not np.array_equal(a.image_hu, c.image_hu)
+    assert not np.array_equal(a.image, b.image)
+    assert not np.array_equal(a.image, c.image)
 
 
 def _final_latents(pipe, monkeypatch, label_map, **kw):
@@ -91,7 +91,7 @@ def test_image_only_path_and_modality_guidance(guided_pipe, monkeypatch):
     tiny_pipe = guided_pipe
     kw = dict(spacing_mm=(2.0, 2.0, 2.0), output_size_vox=(32, 32, 48), seed=0, num_inference_steps=2)
     plain, z0 = _final_latents(tiny_pipe, monkeypatch, None, **kw)
-    assert plain.image_hu.shape == (32, 32, 48) and plain.label_map is None
+    assert plain.image.shape == (32, 32, 48) and plain.label_map is None
     _, z1 = _final_latents(tiny_pipe, monkeypatch, None, guidance_scale=1.0, **kw)
     _, z2 = _final_latents(tiny_pipe, monkeypatch, None, guidance_scale=2.0, **kw)
     torch.testing.assert_close(z1, z0, atol=1e-4, rtol=1e-4)  # u + 1 * (c - u) == c
@@ -108,7 +108,7 @@ def test_tumour_guidance_runs_with_and_without_a_tumour(guided_pipe, label_map, 
         plain, z0 = _final_latents(tiny_pipe, monkeypatch, mask, **kw)
         _, z1 = _final_latents(tiny_pipe, monkeypatch, mask, guidance_scale=1.0, **kw)
         guided, z15 = _final_latents(tiny_pipe, monkeypatch, mask, guidance_scale=1.5, **kw)
-        assert guided.image_hu.shape == plain.image_hu.shape == (32, 32, 32)
+        assert guided.image.shape == plain.image.shape == (32, 32, 32)
         torch.testing.assert_close(z1, z0, atol=1e-4, rtol=1e-4)
         assert (z15 - z0).abs().max() > 1e-4
     # the unconditional branch of a tumour mask drops the tumour: only there does the control input change
@@ -197,7 +197,7 @@ def test_cuda_refused_without_cuda():
 def test_bf16_autocast_on_cpu_runs(label_map):
     pipe = MaisiPipeline.from_config(presets.tiny(), device="cpu", precision="bf16")
     out = pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
-    assert np.isfinite(out.image_hu).all()
+    assert np.isfinite(out.image).all()
 
 
 def test_eight_bit_label_encoding():
@@ -228,7 +228,7 @@ def test_pipeline_uses_decode_window_from_preset(label_map):
     original = windowed.vae.decode_stage_2_outputs
     windowed.vae.decode_stage_2_outputs = lambda z: calls.append(tuple(z.shape)) or original(z)
     out = windowed.generate(lm, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=2)
-    assert out.image_hu.shape == (32, 32, 64)
+    assert out.image.shape == (32, 32, 64)
     assert calls and all(shape[2:] == (8, 8, 8) for shape in calls) and len(calls) >= 2
 
 
@@ -248,9 +248,9 @@ def test_ddpm_body_region_model_paths_are_deterministic(label_map):
                       num_inference_steps=3)
     b = pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), body_region="chest", seed=0,
                       num_inference_steps=3)
-    assert np.array_equal(a.image_hu, b.image_hu)
+    assert np.array_equal(a.image, b.image)
     c = pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=0, num_inference_steps=3)  # regions from the mask
-    assert c.image_hu.shape == (32, 32, 32)
+    assert c.image.shape == (32, 32, 32)
     with pytest.raises(ConfigError, match=r"expects a body_region .* but got body_region=None"):
         pipe.generate(None, spacing_mm=(1.5,) * 3, output_size_vox=(32, 32, 32), seed=0, num_inference_steps=2)
     with pytest.raises(ConfigError, match=r"expects no modality for a body-region model, but got modality=1"):

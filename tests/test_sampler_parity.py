@@ -47,7 +47,7 @@ def test_guidance_without_a_tumour_runs_with_the_same_mask(tiny_pipe, label_map)
     control, uncond = tiny_pipe.prepare_guidance(label_map, _cond(tiny_pipe), 1.5)
     assert control is None and uncond.class_labels.tolist() == [0]  # None: the conditional mask is reused
     guided = tiny_pipe.generate(label_map, spacing_mm=SPACING, seed=0, num_inference_steps=2, guidance_scale=1.5)
-    assert guided.image_hu.shape == (32, 32, 32) and np.isfinite(guided.image_hu).all()
+    assert guided.image.shape == (32, 32, 32) and np.isfinite(guided.image).all()
 
 
 def test_guidance_denoise_runs_the_unconditional_branch_with_class_zero_and_no_tumour(tiny_pipe, label_map,
@@ -180,7 +180,20 @@ def test_postprocess_maps_ct_and_mr_codes_like_upstream(tiny_pipe, modality, exp
 
 def test_generate_with_an_mr_code_uses_the_mr_background(tiny_pipe, label_map):
     out = tiny_pipe.generate(label_map, spacing_mm=SPACING, seed=0, num_inference_steps=2, modality=9)
-    assert (out.image_hu[label_map == 0] == 0.0).all() and out.image_hu.min() >= 0.0
+    assert (out.image[label_map == 0] == 0.0).all() and out.image.min() >= 0.0
+    assert out.modality == "MR"
+    assert tiny_pipe.generate(label_map, spacing_mm=SPACING, seed=0, num_inference_steps=2).modality == "CT"
+
+
+def test_an_mr_model_maps_its_own_codes_with_its_config_and_ct_codes_with_the_ct_convention(tiny_pipe):
+    """The config's range and background belong to the model's own family; the other family keeps its defaults."""
+    mr_model = MaisiPipeline(tiny_pipe.config.replace(modality=9, intensity_range=(0.0, 500.0), background_value=-5.0),
+                             tiny_pipe.vae, tiny_pipe.unet, tiny_pipe.controlnet, device="cpu")
+    image = torch.tensor([0.0, 0.5, 1.0, 1.5]).reshape(1, 1, 4, 1, 1)
+    lm = np.array([0, 1, 1, 1], dtype=np.uint8).reshape(4, 1, 1)
+    assert mr_model.postprocess(image, lm).ravel().tolist() == [-5.0, 250.0, 500.0, 750.0]
+    assert mr_model.postprocess(image, lm, 1).ravel().tolist() == [-1000.0, 0.0, 1000.0, 1000.0]
+    assert mr_model.intensity_convention(1).unit == "HU" and mr_model.intensity_convention().unit == "a.u."
 
 
 # -- 4. precision -----------------------------------------------------------------------------------
@@ -295,6 +308,6 @@ def test_ddpm_pipeline_on_cuda_matches_cpu(label_map):
     kwargs = {"spacing_mm": SPACING, "seed": 3, "num_inference_steps": 3}
     cpu = MaisiPipeline.from_config(_tiny_ddpm(), device="cpu").generate(label_map, **kwargs)
     cuda = MaisiPipeline.from_config(_tiny_ddpm(), device="cuda", precision="fp32").generate(label_map, **kwargs)
-    np.testing.assert_allclose(cuda.image_hu, cpu.image_hu, atol=10.0)  # other step noise would differ by 100s of HU
+    np.testing.assert_allclose(cuda.image, cpu.image, atol=10.0)  # other step noise would differ by 100s of HU
     fp16 = MaisiPipeline.from_config(_tiny_ddpm(), device="cuda").generate(label_map, **kwargs)
-    assert np.isfinite(fp16.image_hu).all()
+    assert np.isfinite(fp16.image).all()

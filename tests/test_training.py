@@ -324,8 +324,8 @@ def test_default_model_generates_a_qc_passing_case():
     pipe = MaisiPipeline.from_pretrained("default", device="cpu")
     case = _default_case(10_000_000, tumor_id=26)
     out = pipe.generate(case.label_map, spacing_mm=case.spacing_mm, seed=0)
-    assert out.image_hu.shape == (64, 64, 64)
-    result = qc.check_case(out.image_hu, case.label_map)
+    assert out.image.shape == (64, 64, 64)
+    result = qc.check_case(out.image, case.label_map)
     assert result.passed, result.summary()
 
 

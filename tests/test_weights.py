@@ -25,7 +25,7 @@ def test_save_and_load_round_trip_gives_equal_outputs(saved, tiny_pipe, label_ma
     assert loaded.model_digest == digest and loaded.config == tiny_pipe.config
     a = tiny_pipe.generate(label_map, spacing_mm=(1.5,) * 3, seed=4, num_inference_steps=2)
     b = loaded.generate(label_map, spacing_mm=(1.5,) * 3, seed=4, num_inference_steps=2)
-    assert np.array_equal(a.image_hu, b.image_hu)
+    assert np.array_equal(a.image, b.image)
 
 
 def test_model_directory_layout_and_index(saved):
@@ -34,7 +34,8 @@ def test_model_directory_layout_and_index(saved):
     assert (path / "vae" / "config.json").is_file() and (path / "vae" / "model.safetensors").is_file()
     index = read_index(path)
     assert index["digest"] == digest and index["label_dict_version"].startswith("maisi-ct-132")
-    assert index["intensity_range_hu"] == [-1000.0, 1000.0] and "licence" in index
+    assert index["pipeline_config"]["intensity_range"] == [-1000.0, 1000.0] and index["modality"] == "CT"
+    assert "licence" in index
     assert set(index["files"]) == {f"{c}/{f}" for c in ("vae", "unet", "controlnet")
                                    for f in ("config.json", "model.safetensors")}
 
@@ -202,3 +203,34 @@ def read_files(path):
 
     return {f"{c}/{f}": sha256_file(path / c / f) for c in ("vae", "unet", "controlnet")
             for f in ("config.json", "model.safetensors")}
+
+
+def test_model_directory_saved_before_the_rename_loads_with_its_intensity_range(saved):
+    """Indexes written before v0.x name the fields intensity_range_hu and background_hu; they still load."""
+    path, _ = saved
+    index = read_index(path)
+    config = index["pipeline_config"]
+    config["intensity_range_hu"], config["background_hu"] = [-900.0, 1100.0], -950.0
+    del config["intensity_range"], config["background_value"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    loaded = MaisiPipeline.from_pretrained(path, device="cpu")
+    assert loaded.config.intensity_range == (-900.0, 1100.0) and loaded.config.background_value == -950.0
+
+
+def test_factory_refuses_a_model_of_another_modality(tmp_path, tiny_pipe):
+    """The factory writes int16 HU and checks HU ranges: an MR model is refused before any case."""
+    from factory.errors import ModelRefError
+    from factory.models import clear_cache, load_pipeline, pipeline_config
+
+    path = tmp_path / "mr-model"
+    mr = MaisiPipeline(tiny_pipe.config.replace(modality=9), tiny_pipe.vae, tiny_pipe.unet, tiny_pipe.controlnet,
+                       device="cpu")
+    mr.save_pretrained(path)
+    assert read_index(path)["modality"] == "MR"
+    message = r"load_pipeline expects a CT model \(modality code 0-7\), but got model=.* with modality=9 \(MR\)"
+    with pytest.raises(ModelRefError, match=message):
+        pipeline_config(str(path))
+    clear_cache()
+    with pytest.raises(ModelRefError, match=message):
+        load_pipeline(str(path), device="cpu")
+    clear_cache()

@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any, ClassVar, Literal
 
 from maisi_core.errors import ConfigError, did_you_mean
+from maisi_core.modality import CT
 
 
 def _tupleize(value: Any) -> Any:
@@ -259,6 +260,10 @@ class GeometryRules(_ConfigMixin):
     size_multiple_vox: int = 1
 
 
+# Field names of model directories saved by earlier versions, and what they are called now.
+_RENAMED_FIELDS = {"intensity_range_hu": "intensity_range", "background_hu": "background_value"}
+
+
 @dataclass(frozen=True)
 class PipelineConfig(_ConfigMixin):
     """Everything needed to build and run a MAISI pipeline, besides the weights.
@@ -267,8 +272,12 @@ class PipelineConfig(_ConfigMixin):
         conditioning: ``"modality"`` (rflow-ct: class label added to the time embedding) or
             ``"body_region"`` (ddpm-ct: top/bottom region one-hots).
         scale_factor: latent scale; the released models store theirs with the weights.
-        intensity_range_hu: the HU range the VAE's [0, 1] output maps to.
-        background_hu: HU written where the label map is 0 (outside the body).
+        modality: the model's modality code (:mod:`maisi_core.modality`; 1 = CT), used when a request
+            names none.
+        intensity_range: the range, in the unit of ``modality``'s family (HU for CT), that the VAE's
+            [0, 1] output maps to. Requests of the other family use that family's
+            :class:`~maisi_core.modality.IntensityConvention`.
+        background_value: the value written where the label map is 0 (outside the body), same unit.
         decode_roi_latent: sliding-window size in latent voxels for decoding (None: whole volume), used
             when no memory preset is given; the latent is decoded whole when it has no more voxels than
             the window (see :func:`maisi_core.engine.decoding.decode_latents`).
@@ -284,8 +293,8 @@ class PipelineConfig(_ConfigMixin):
     conditioning: Literal["modality", "body_region"] = "modality"
     modality: int = 1
     scale_factor: float = 1.0
-    intensity_range_hu: tuple[float, float] = (-1000.0, 1000.0)
-    background_hu: float = -1000.0
+    intensity_range: tuple[float, float] = CT.output_range
+    background_value: float = CT.background
     decode_roi_latent: tuple[int, int, int] | None = None
     decode_overlap: float = 0.4
     licence: str = "Apache-2.0 (architecture); weights: see the model index"
@@ -318,6 +327,9 @@ class PipelineConfig(_ConfigMixin):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         data = dict(data)
+        for old, new in _RENAMED_FIELDS.items():  # model directories saved before the rename
+            if old in data:
+                data.setdefault(new, data.pop(old))
         parts = {
             "vae": AutoencoderConfig.from_dict(data.pop("vae")),
             "unet": DiffusionUNetConfig.from_dict(data.pop("unet")),
@@ -365,18 +377,6 @@ MAISI_CT_GEOMETRY = GeometryRules(
     min_fov_xy_mm=256.0,
     size_multiple_vox=32,
 )
-
-
-# Modality codes (CTMR configs/modality_mapping.json): 0-7 are CT (0 unknown, 1 ct, 2 ct without and
-# 3 with contrast), 8 and above MR. Upstream maps MR output to [0, 1000] with background 0.
-MAX_CT_MODALITY = 7
-MR_INTENSITY_RANGE: tuple[float, float] = (0.0, 1000.0)
-MR_BACKGROUND = 0.0
-
-
-def is_ct_modality(code: int) -> bool:
-    """Return whether a modality code is a CT code (0-7) rather than an MR one (8 and above)."""
-    return int(code) <= MAX_CT_MODALITY
 
 
 # The paired (ControlNet) sampler's decode window and overlap in CTMR configs/config_infer.json. The

@@ -1,4 +1,4 @@
-"""``MaisiPipeline``: label map (or region/modality) + spacing + seed → CT volume in Hounsfield units.
+"""``MaisiPipeline``: label map (or region/modality) + spacing + seed → a volume (CT: Hounsfield units).
 
 Every call runs the same numbered steps, each a public method:
 
@@ -31,7 +31,7 @@ import torch
 from maisi_core.anatomy import labels
 
 from maisi_core.engine import geometry
-from maisi_core.engine.config import MR_BACKGROUND, MR_INTENSITY_RANGE, PipelineConfig, is_ct_modality
+from maisi_core.engine.config import PipelineConfig
 from maisi_core.engine.decoding import (
     DecodePreset,
     decode_latents,
@@ -49,6 +49,7 @@ from maisi_core.engine.networks import (
     vae_decode_settings,
 )
 from maisi_core.engine.schedulers import TimestepPlan, build_scheduler, plan_timesteps, scheduler_step
+from maisi_core.modality import IntensityConvention, convention_for_code, is_ct_code
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +87,17 @@ class GenerationOutput:
     """A generated volume.
 
     Attributes:
-        image_hu: (X, Y, Z) float32 CT in Hounsfield units.
+        image: (X, Y, Z) float32 intensities in the modality's unit (CT: Hounsfield units; see
+            :mod:`maisi_core.modality`).
+        modality: ``"CT"`` or ``"MR"``, the convention ``image`` follows.
         label_map: (X, Y, Z) label map used as the condition (None on the image-only path).
         affine: (4, 4) RAS affine of both arrays.
         spacing_mm: voxel spacing.
         timings_s: seconds per stage (``denoise``, ``decode``, ``total``...).
     """
 
-    image_hu: np.ndarray
+    image: np.ndarray
+    modality: str
     label_map: np.ndarray | None
     affine: np.ndarray
     spacing_mm: tuple[float, float, float]
@@ -159,12 +163,13 @@ class MaisiPipeline:
         unet: torch.nn.Module,
         controlnet: torch.nn.Module,
         *,
-        device: torch.device,
+        device: str | torch.device,
         precision: str = "auto",
         decode_preset: DecodePreset | None = None,
         scale_factor: float | None = None,
         model_digest: str | None = None,
     ) -> None:
+        device = torch.device(device)  # as given; from_config and from_pretrained check it is available
         precision = resolve_precision(precision, device)
         if precision == "fp16" and device.type != "cuda":
             raise DeviceError(
@@ -319,13 +324,14 @@ class MaisiPipeline:
         t2 = time.perf_counter()
         image = self.decode(x)
         t3 = time.perf_counter()
-        image_hu = self.postprocess(image, label_map, request.modality)
+        intensities = self.postprocess(image, label_map, request.modality)
         affine = request.affine if request.affine is not None else geometry.affine_from_spacing(spacing, size)
         t4 = time.perf_counter()
         timings = {"prepare": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "postprocess": t4 - t3,
                    "total": t4 - t0}
         return GenerationOutput(
-            image_hu=image_hu, label_map=label_map, affine=np.asarray(affine, dtype=np.float64),
+            image=intensities, modality=self.intensity_convention(request.modality).name, label_map=label_map,
+            affine=np.asarray(affine, dtype=np.float64),
             spacing_mm=spacing, seed=None, num_inference_steps=steps, timings_s=timings,
         )
 
@@ -523,25 +529,35 @@ class MaisiPipeline:
         with vae_decode_settings(self.vae, num_splits=num_splits, norm_float16=norm_float16):
             return decode_latents(decode_fn, z, roi_latent=roi, overlap=overlap, output_device="cpu")
 
+    def intensity_convention(self, modality: int | None = None) -> IntensityConvention:
+        """Return how a request's modality code maps to intensities.
+
+        Codes of the model's own family (CT or MR, from ``config.modality``) use the config's
+        ``intensity_range`` and ``background_value``; codes of the other family use that family's
+        defaults from :mod:`maisi_core.modality`, as upstream does.
+        """
+        code = self.config.modality if modality is None else int(modality)
+        family = convention_for_code(code)
+        if is_ct_code(code) != is_ct_code(self.config.modality):
+            return family
+        return dataclasses.replace(family, output_range=tuple(self.config.intensity_range),
+                                   background=float(self.config.background_value))
+
     def postprocess(self, image: torch.Tensor, label_map: np.ndarray | None, modality: int | None = None) -> np.ndarray:
         """Step 8: map the VAE's [0, 1] output to intensities by modality code, as upstream does.
 
-        CT codes (0-7, and body-region models): clip to [0, 1], map to ``intensity_range_hu`` and set
-        voxels where the mask is 0 to ``background_hu``. MR codes (8 and above): clip below 0 only, map
-        to [0, 1000] and set the background to 0.
+        CT codes (0-7, and body-region models): clip to [0, 1], map to the CT range (HU) and set voxels
+        where the mask is 0 to the background (-1000 HU). MR codes (8 and above): clip below 0 only, map
+        to [0, 1000] and set the background to 0. See :meth:`intensity_convention`.
         """
-        code = self.config.modality if modality is None else int(modality)
+        convention = self.intensity_convention(modality)
         arr = image[0, 0].float()
-        if is_ct_modality(code):
-            (lo, hi), background = self.config.intensity_range_hu, self.config.background_hu
-            arr = arr.clamp(0.0, 1.0)
-        else:
-            (lo, hi), background = MR_INTENSITY_RANGE, MR_BACKGROUND
-            arr = arr.clamp(min=0.0)
-        hu = (arr.cpu().numpy() * (hi - lo) + lo).astype(np.float32)
+        arr = arr.clamp(0.0, 1.0) if convention.clip_above else arr.clamp(min=0.0)
+        lo, hi = convention.output_range
+        out = (arr.cpu().numpy() * (hi - lo) + lo).astype(np.float32)
         if label_map is not None:
-            hu[label_map == labels.BACKGROUND_ID] = background
-        return hu
+            out[label_map == labels.BACKGROUND_ID] = convention.background
+        return out
 
 
 def _check_affine_matches_spacing(affine: np.ndarray, spacing: tuple[float, float, float], *, who: str) -> None:

@@ -2,7 +2,7 @@
 
 Layout of a model directory::
 
-    model_index.json          name, format version, pipeline config, scale factor, HU range,
+    model_index.json          name, format version, pipeline config, scale factor, modality,
                               label dictionary version, licence, sha256 of every file
     vae/config.json           AutoencoderConfig fields
     vae/model.safetensors
@@ -35,6 +35,7 @@ from maisi_core.anatomy import labels
 from maisi_core.digest import sha256_file
 from maisi_core.engine.config import PipelineConfig
 from maisi_core.errors import UnsafeCheckpointError, WeightsError, WeightsNotFoundError
+from maisi_core.modality import convention_for_code
 from maisi_core.engine.model_dir import (  # the torch-free half of model directories
     COMPONENTS,
     FORMAT_VERSION,
@@ -114,7 +115,7 @@ def save_model_dir(
             "name": name,
             "pipeline_config": {k: v for k, v in config.to_dict().items() if k not in COMPONENTS},
             "scale_factor": float(scale_factor),
-            "intensity_range_hu": list(config.intensity_range_hu),
+            "modality": convention_for_code(config.modality).name,
             "label_dict_version": labels.LABEL_DICT_VERSION,
             "licence": config.licence,
             "files": files,

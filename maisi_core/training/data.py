@@ -28,13 +28,14 @@ import numpy as np
 from scipy import ndimage
 
 from maisi_core import io
+from maisi_core.modality import CT
 from maisi_core.errors import TrainingDataError, TrainingDataNotFoundError, TumorPlacementError
 from maisi_core.anatomy.intensity import synthesize_ct
 from maisi_core.anatomy.phantom import PhantomConfig, TumorSpec, generate_phantom
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INTENSITY_RANGE_HU = (-1000.0, 1000.0)
+DEFAULT_INTENSITY_RANGE_HU = CT.output_range
 # Region sets the phantom corpus draws from (single regions and spans), with their weights.
 PHANTOM_REGION_SETS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("chest",), 0.15),
