@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from maisi_core import io as mio
+from maisi_core import nifti_gzip
 
 logger = logging.getLogger("bench_io")
 
@@ -62,7 +63,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     vol = make_ct(tuple(args.shape))
     affine = mio.affine_from_spacing((0.7, 0.7, 2.5))
-    backend = "isal" if mio._fast_gzip is not None else "zlib"
+    backend = nifti_gzip.BACKEND
     with tempfile.TemporaryDirectory() as tmp:
         base_path, ours_path = Path(tmp) / "nibabel.nii.gz", Path(tmp) / "ours.nii.gz"
 

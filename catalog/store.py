@@ -16,19 +16,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, WriterProperties
+from deltalake.exceptions import DeltaError, TableNotFoundError
 from deltalake.transaction import Transaction
 
+from catalog import commit as _commits
 from catalog import fs as _fs
 from catalog import log as _log
 from catalog import rows as _rows
@@ -36,9 +35,7 @@ from catalog.errors import (
     CatalogError,
     CatalogNotFoundError,
     CatalogReadError,
-    CommitConflictError,
     RecordError,
-    describe_cause,
 )
 from catalog.schema import (
     DATASETS_SCHEMA,
@@ -54,17 +51,10 @@ from catalog.schema import (
 logger = logging.getLogger(__name__)
 
 TABLES: tuple[str, ...] = ("samples", "datasets")
-_HISTORY_SEARCH = 64
 # Layout for fast filtered queries: cluster rows on the usual filter columns, small row groups.
 ZORDER_COLUMNS: tuple[str, ...] = ("body_region", "pathology", "qc_pass")
 OPTIMIZE_ROW_GROUP_ROWS = 32_768
 _SCHEMAS = {"samples": SAMPLES_SCHEMA, "datasets": DATASETS_SCHEMA}
-# Exactly-once commits: a commit of sample_ids carries the app ids of their buckets (see module doc).
-# 4096 buckets keep the table state small (one txn entry per bucket, not per row) while two concurrent
-# commits of a few new sample_ids each rarely share a bucket by chance (that only costs a retry).
-COMMIT_ATTEMPTS = 8
-COMMIT_BACKOFF_S = 0.05  # first retry waits up to this long (jittered); doubles per attempt
-COMMIT_BACKOFF_MAX_S = 1.0
 _READ_ERRORS: tuple[type[BaseException], ...] = (DeltaError, OSError, pa.ArrowException)
 _READ_HINT = "Check that ROOT is reachable and run `ctfactory catalog verify ROOT`."
 
@@ -199,7 +189,7 @@ class Catalog:
         commit, also when another process committed the same rows a moment earlier. Exactly once per
         sample_id across processes and machines: the commit carries the Delta app ids of its
         sample_ids' buckets, so of two concurrent commits sharing one the second fails Delta's conflict
-        check; it is then retried on a fresh read (up to ``COMMIT_ATTEMPTS`` times, jittered backoff).
+        check; it is then retried on a fresh read (up to ``catalog.commit.COMMIT_ATTEMPTS`` times, jittered backoff).
 
         Args:
             records: :class:`SampleRecord` objects or row dicts.
@@ -239,25 +229,18 @@ class Catalog:
         except DeltaError as exc:
             if not self.exists("samples"):
                 raise
-            raise _TableCreatedConcurrently(str(exc)) from exc
+            raise _commits.TableCreatedConcurrently(str(exc)) from exc
 
     def _retry_commits(self, operation: str, attempt: Callable[[], int]) -> int:
-        """Run ``attempt`` until it commits; retry Delta commit conflicts with jittered backoff."""
-        for number in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                return attempt()
-            except (CommitFailedError, _TableCreatedConcurrently) as exc:
-                conflict = exc
-            logger.info("%s: commit conflict (attempt %d of %d), retrying: %s", operation, number,
-                        COMMIT_ATTEMPTS, conflict)
-            if number < COMMIT_ATTEMPTS:
-                cap = min(COMMIT_BACKOFF_MAX_S, COMMIT_BACKOFF_S * 2 ** (number - 1))
-                time.sleep(random.uniform(cap / 2, cap))
-        raise CommitConflictError(
-            f"{operation} expects a commit to succeed within {COMMIT_ATTEMPTS} attempts, but got "
-            f"{COMMIT_ATTEMPTS} conflicts with concurrent writers at {self.table_uri('samples')}, the last: "
-            f"{describe_cause(conflict)}. Run it again; committed rows are never repeated."
-        )
+        return _commits.retry_commits(operation, attempt, where=self.table_uri("samples"))
+
+    def _commit(self, name: str, data: pa.Table, operation: str, metadata: Mapping[str, Any] | None, *,
+                table: DeltaTable | None = None, mode: str = "append", predicate: str | None = None,
+                app_transactions: Sequence[Transaction] = ()) -> int:
+        target = table if table is not None else self.table_uri(name)
+        return _commits.commit(target, data, operation, metadata, table_name=name,
+                               storage_options=self.storage_options, reopen=lambda: self.delta_table(name),
+                               mode=mode, predicate=predicate, app_transactions=app_transactions)
 
     def replace_failed_samples(self, records: Iterable[SampleRecord | Mapping[str, Any]], *,
                                commit_metadata: Mapping[str, Any] | None = None) -> int:
@@ -374,36 +357,6 @@ class Catalog:
             except TableNotFoundError:
                 return None
 
-    def _commit(self, name: str, data: pa.Table, operation: str, metadata: Mapping[str, Any] | None, *,
-                table: DeltaTable | None = None, mode: str = "append", predicate: str | None = None,
-                app_transactions: Sequence[Transaction] = ()) -> int:
-        custom = {str(k): str(v) for k, v in (metadata or {}).items()}
-        token = uuid.uuid4().hex
-        custom.update({"ctfactory.operation": operation, "ctfactory.rows": str(data.num_rows),
-                       "ctfactory.schema_version": str(SCHEMA_VERSION), "ctfactory.commit_id": token})
-        write_deltalake(
-            table if table is not None else self.table_uri(name), data, mode=mode, predicate=predicate,
-            schema_mode="merge", storage_options=self.storage_options or None,
-            commit_properties=CommitProperties(custom_metadata=custom,
-                                               app_transactions=list(app_transactions) or None,
-                                               max_commit_retries=0 if mode == "error" else None),
-        )
-        version = self._find_commit(name, table, token)
-        logger.info("%s: committed %d rows to %s as version %d", operation, data.num_rows, name, version)
-        return version
-
-    def _find_commit(self, name: str, table: DeltaTable | None, token: str) -> int:
-        """Return the version of the commit carrying ``token`` (other writers may have committed since)."""
-        if table is not None:  # after a write the table object is at the version it committed
-            entry = table.history(limit=1)
-            if entry and entry[0].get("ctfactory.commit_id") == token:
-                return int(entry[0]["version"])
-        table = self.delta_table(name)
-        for entry in table.history(limit=_HISTORY_SEARCH):
-            if entry.get("ctfactory.commit_id") == token:
-                return int(entry["version"])
-        return table.version()
-
     def optimize(self, *, z_order: Sequence[str] = ZORDER_COLUMNS,
                  row_group_rows: int = OPTIMIZE_ROW_GROUP_ROWS) -> dict[str, Any]:
         """Rewrite the ``samples`` files clustered on ``z_order`` (one new version, same rows).
@@ -459,7 +412,3 @@ class Catalog:
         See :func:`catalog.log.logged_data_files`, which this calls with the table's URI.
         """
         return _log.logged_data_files(self.table_uri(name), self.storage_options)
-
-
-class _TableCreatedConcurrently(Exception):
-    """Another writer created the samples table between our read and our commit (retried)."""

@@ -36,7 +36,7 @@ from catalog.root import DatasetRoot
 from catalog.schema import CASE_FIELDS, SampleRecord
 from factory.errors import CaseInputError
 from factory.plan import CaseRequest, attempt_seed, derive_seed
-from factory.spec import FolderMasks, GeneratorMasks, UserMasks
+from factory.spec_cohort import FolderMasks, GeneratorMasks, UserMasks
 from factory.storage import publish_volume, unpublish, written_header
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from catalog.root import IMAGES_DIR, LABELS_DIR, VOLUME_SUFFIX
 from factory.errors import FactoryError, OutputPathError, SpecError, SpecIssue
-from factory.spec import Cohort, DatasetSpec, MaskSource, QCSettings, is_safe_name, spec_id
+from factory.spec import DatasetSpec, is_safe_name, spec_id
+from factory.spec_cohort import Cohort, MaskSource, QCSettings
 
 SEED_MODULUS = 2**31
 # Caps on what one spec may plan (all cohorts together). A spec is user input (``serve``/``submit`` take

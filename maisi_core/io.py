@@ -1,29 +1,24 @@
 """NIfTI reading and writing with exact affines, atomic writes and fast gzip.
 
-Images are stored as int16 HU clipped to [-1024, 3071]; label maps as uint8 (max ID <= 255) or uint16.
+Images are stored as int16 in their modality's range (CT: HU clipped to [-1024, 3071]); label maps as uint8 (max ID <= 255) or uint16.
 Both carry the affine in the sform and the qform (code 1, scanner); spacing is read back from the
 affine's column norms. A ``uri`` is a local path or any fsspec URI (``s3://...``, ``memory://...``).
 
 Writes are atomic: a local file is written under a temporary name in the same folder and moved into
 place with ``os.replace`` (or ``os.link`` when overwriting is refused); a remote object is serialised in
-memory and uploaded in one PUT. ``.nii.gz`` files are compressed with ``isal`` when it is installed and
-with ``zlib`` otherwise, at a fast level, with ``mtime=0`` so equal volumes give equal sha256. Files stay
-readable by plain ``nibabel.load``.
+memory and uploaded in one PUT. ``.nii.gz`` bytes go through :mod:`maisi_core.nifti_gzip` (fast,
+deterministic, bounded inflation). Files stay readable by plain ``nibabel.load``.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import logging
 import os
 import uuid
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +35,13 @@ from maisi_core.errors import (
     VolumeNotFoundError,
 )
 from maisi_core.engine.geometry import affine_from_spacing  # re-exported for io users
+from maisi_core import nifti_gzip
 from maisi_core.modality import CONVENTIONS
-
-try:  # optional: Intel ISA-L gzip, several times faster than zlib at the same ratio
-    from isal import igzip as _fast_gzip
-    from isal import isal_zlib as _inflate
-except ImportError:  # pragma: no cover - depends on the environment
-    _fast_gzip = None
-    _inflate = zlib
-
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPRESSLEVEL = 1
 LABEL_MAX_ID = 65535
-_GZIP_MAGIC = b"\x1f\x8b"
-# The most bytes a volume may declare (header + data) before anything is allocated: 2 GiB holds 512x512x768
-# float32 (805 MB) with room; a 1 KB header declaring 4096^3 or a gzip bomb is refused, not inflated.
-MAX_VOLUME_BYTES = 2 * 1024**3
-_NIFTI_HEADER_BYTES = 352  # the 348-byte NIfTI-1 header and its 4-byte extension flag
-_GZIP_SLACK_BYTES = 1 << 20  # trailing bytes some writers leave after the data
-_GZIP_CHUNK_BYTES = 8 * 2**20  # zlib and isal release the GIL, so chunks compress in parallel
-_GZIP_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 __all__ = [
     "DEFAULT_COMPRESSLEVEL", "FileInfo", "ImageVolume", "LabelVolume", "Volume",
@@ -286,64 +266,6 @@ def _to_nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return img.to_bytes()
 
 
-def _gzip(raw: bytes, compresslevel: int) -> bytes:
-    """Compress as concatenated gzip members of ``_GZIP_CHUNK_BYTES`` each, compressed in threads.
-
-    Chunk boundaries do not depend on the thread count, so the output is deterministic. Multi-member gzip
-    is standard (RFC 1952) and is read by ``gzip``, ``nibabel`` and ``zcat``.
-    """
-    if _fast_gzip is not None:
-        level = min(max(compresslevel, 0), 3)
-        compress = partial(_fast_gzip.compress, compresslevel=level, mtime=0)
-    else:
-        compress = partial(gzip.compress, compresslevel=compresslevel, mtime=0)
-    view = memoryview(raw)
-    chunks = [view[i : i + _GZIP_CHUNK_BYTES] for i in range(0, max(len(raw), 1), _GZIP_CHUNK_BYTES)]
-    if len(chunks) == 1:
-        return compress(chunks[0])
-    with ThreadPoolExecutor(max_workers=min(len(chunks), _GZIP_THREADS)) as pool:
-        return b"".join(pool.map(compress, chunks))
-
-
-def _declared_nbytes(head: bytes, *, who: str, uri: str, max_bytes: int) -> int:
-    """Return header + data bytes a NIfTI header declares; refuse more than ``max_bytes``."""
-    if len(head) < 348:
-        raise VolumeFileError(f"{who} expects a NIfTI-1 file, but got {len(head)} bytes, less than a header, "
-                              f"in uri={uri!r}.")
-    try:
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=False)
-        shape = tuple(int(n) for n in header.get_data_shape())
-        declared = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
-    except Exception as exc:  # nibabel raises several types for malformed headers
-        raise VolumeFileError(f"{who} expects a NIfTI-1 file, but got uri={uri!r} ({exc}).") from None
-    if declared > max_bytes:
-        raise VolumeFileError(f"{who} expects a volume of at most {max_bytes} bytes, but got a header declaring "
-                              f"shape={shape} ({declared} bytes) in uri={uri!r}.")
-    return declared
-
-
-def _gunzip(raw: bytes, *, who: str, uri: str, max_bytes: int) -> bytes:
-    """Inflate every gzip member of ``raw``, never beyond what the NIfTI header inside declares."""
-    try:
-        head = _inflate.decompressobj(16 + _inflate.MAX_WBITS).decompress(raw, _NIFTI_HEADER_BYTES)
-        budget = _declared_nbytes(head, who=who, uri=uri, max_bytes=max_bytes) + _GZIP_SLACK_BYTES
-        parts, total, data = [], 0, raw
-        while data:
-            member = _inflate.decompressobj(16 + _inflate.MAX_WBITS)
-            piece = member.decompress(data, budget - total + 1)
-            total += len(piece)
-            parts.append(piece)
-            if total > budget or member.unconsumed_tail:
-                raise VolumeFileError(f"{who} expects the data to inflate to the size its header declares, but got "
-                                      f"more than {budget} bytes in uri={uri!r} (a gzip bomb or a corrupt file).")
-            if not member.eof:
-                raise VolumeFileError(f"{who} expects a complete gzip stream, but got a truncated one in uri={uri!r}.")
-            data = member.unused_data
-    except (zlib.error, _inflate.error) as exc:
-        raise VolumeFileError(f"{who} expects a valid gzip stream, but got a corrupt one in uri={uri!r} ({exc}).") from None
-    return b"".join(parts)
-
-
 def _write_nifti(uri, data, affine, storage_options, compresslevel, overwrite, *, who: str) -> FileInfo:
     aff = _check_affine(affine, who)
     uri = os.fspath(uri)
@@ -353,7 +275,7 @@ def _write_nifti(uri, data, affine, storage_options, compresslevel, overwrite, *
         raise VolumeFileError(f"{who} expects compresslevel in 0..9, but got compresslevel={compresslevel}.")
     payload = _to_nifti_bytes(data, aff)
     if uri.endswith(".gz"):
-        payload = _gzip(payload, int(compresslevel))
+        payload = nifti_gzip.compress(payload, int(compresslevel))
     _put_atomic(uri, payload, storage_options, overwrite, who)
     logger.debug("%s wrote %s (%d bytes)", who, uri, len(payload))
     return FileInfo(uri=uri, sha256=hashlib.sha256(payload).hexdigest(), n_bytes=len(payload))
@@ -401,10 +323,11 @@ def _put_atomic(uri: str, payload: bytes, storage_options, overwrite: bool, who:
 def _read_nifti(uri, storage_options, *, who: str) -> nib.Nifti1Image:
     uri = os.fspath(uri)
     raw = _read_bytes(uri, storage_options, who=who)
-    if raw[:2] == _GZIP_MAGIC:
-        raw = _gunzip(raw, who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+    if raw[:2] == nifti_gzip.GZIP_MAGIC:
+        raw = nifti_gzip.inflate_bounded(raw, who=who, uri=uri, max_bytes=nifti_gzip.MAX_VOLUME_BYTES)
     else:
-        declared = _declared_nbytes(raw[:_NIFTI_HEADER_BYTES], who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+        declared = nifti_gzip.declared_nbytes(raw[:nifti_gzip.NIFTI_HEADER_BYTES], who=who, uri=uri,
+                                              max_bytes=nifti_gzip.MAX_VOLUME_BYTES)
         if declared > len(raw):
             raise VolumeFileError(f"{who} expects the {declared} bytes its header declares, but got a file of "
                                   f"{len(raw)} bytes in uri={uri!r} (truncated).")
@@ -452,18 +375,13 @@ def check_nifti_header(uri: str | os.PathLike, *, storage_options: Mapping[str, 
 
     Raises:
         VolumeNotFoundError: no such file.
-        VolumeFileError: unreadable, empty, not NIfTI-1, not 3D, or declaring more than ``MAX_VOLUME_BYTES``.
+        VolumeFileError: unreadable, empty, not NIfTI-1, not 3D, or declaring more than ``nifti_gzip.MAX_VOLUME_BYTES``.
         AffineError: a NaN, infinite or singular affine.
     """
     uri = os.fspath(uri)
     raw = _read_bytes(uri, storage_options, who=who, size=1 << 16)
-    head = raw
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            head = _inflate.decompressobj(16 + _inflate.MAX_WBITS).decompress(raw, _NIFTI_HEADER_BYTES)
-        except (zlib.error, _inflate.error) as exc:
-            raise VolumeFileError(f"{who} expects a valid gzip stream, but got a corrupt one in uri={uri!r} ({exc}).") from None
-    _declared_nbytes(head[:_NIFTI_HEADER_BYTES], who=who, uri=uri, max_bytes=MAX_VOLUME_BYTES)
+    head = nifti_gzip.header_bytes(raw, who=who, uri=uri)
+    nifti_gzip.declared_nbytes(head, who=who, uri=uri, max_bytes=nifti_gzip.MAX_VOLUME_BYTES)
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=False)
     shape = tuple(int(n) for n in header.get_data_shape())
     while len(shape) > 3 and shape[-1] == 1:

@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 from _catalog_cases import make_record
 
-from catalog import rows, store
+from catalog import commit, rows, store
 from catalog.errors import CatalogError, CommitConflictError, RecordExistsError
 from catalog.rows import sample_app_ids
 from catalog.store import open_catalog
@@ -132,7 +132,7 @@ def test_append_samples_other_ids_committed_between_read_and_write_need_no_retry
     cat.append_samples([make_record(0)])
     _commit_between_read_and_write(monkeypatch, tmp_path, [make_record(6)])
     calls = []
-    monkeypatch.setattr(store.time, "sleep", calls.append)
+    monkeypatch.setattr(commit.time, "sleep", calls.append)
     assert cat.append_samples([make_record(5)]) == 2
     assert calls == []  # Delta saw no conflict: different app ids
     assert sorted(cat.read_table()["sample_id"].to_pylist()) == ["case_0000", "case_0005", "case_0006"]
@@ -159,20 +159,20 @@ def test_append_samples_gives_up_after_repeated_conflicts(tmp_path, monkeypatch)
     cat = open_catalog(tmp_path)
     cat.append_samples([make_record(0)])
     sleeps: list[float] = []
-    monkeypatch.setattr(store.time, "sleep", sleeps.append)
+    monkeypatch.setattr(commit.time, "sleep", sleeps.append)
 
     def always_conflicts(*args, **kwargs):
         raise CommitFailedError("Failed to commit transaction: Concurrent transaction failed.")
 
-    monkeypatch.setattr(store, "write_deltalake", always_conflicts)
+    monkeypatch.setattr(commit, "write_deltalake", always_conflicts)
     with pytest.raises(CommitConflictError, match=(
             r"^append_samples expects a commit to succeed within 8 attempts, but got 8 conflicts with concurrent "
             r"writers at .*catalog/samples, the last: Failed to commit transaction: Concurrent transaction failed\. "
             r"Run it again; committed rows are never repeated\.$")):
         cat.append_samples([make_record(1)])
     assert issubclass(CommitConflictError, CatalogError)
-    assert len(sleeps) == store.COMMIT_ATTEMPTS - 1
-    caps = [min(store.COMMIT_BACKOFF_MAX_S, store.COMMIT_BACKOFF_S * 2 ** k) for k in range(len(sleeps))]
+    assert len(sleeps) == commit.COMMIT_ATTEMPTS - 1
+    caps = [min(commit.COMMIT_BACKOFF_MAX_S, commit.COMMIT_BACKOFF_S * 2 ** k) for k in range(len(sleeps))]
     assert all(cap / 2 <= s <= cap for s, cap in zip(sleeps, caps, strict=True))
     assert cat.version == 0
 

@@ -13,6 +13,11 @@ Every call runs the same numbered steps, each a public method:
 7. :meth:`MaisiPipeline.decode`: memory-bounded VAE decoding (sliding window + tensor splits).
 8. :meth:`MaisiPipeline.postprocess`: clip and map by modality (CT: [0, 1] → HU, background -1000 HU;
    MR: lower clip only, [0, 1000], background 0), affine.
+
+The module is longer than the house's ~400 lines on purpose: like a diffusers pipeline file, it keeps the
+request and output types and every numbered step of the one class together, so a reader follows a call
+from top to bottom in one place; the parts that stand alone (decoding, schedulers, networks, geometry,
+weights) are modules of their own.
 """
 
 from __future__ import annotations
