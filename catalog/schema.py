@@ -21,7 +21,7 @@ from catalog.errors import CatalogPathError, RecordError, SchemaMismatchError
 from catalog.fs import relative_path
 
 SCHEMA_VERSION = 5  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
-# 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median
+# 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median; datasets.model_card
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -92,6 +92,7 @@ DATASETS_SCHEMA = pa.schema([
     pa.field("licence", pa.string()),
     pa.field("created_at", TIMESTAMP, nullable=False),
     pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("model_card", pa.string()),  # v5: the generator model's card (Markdown); see catalog.model_card
 ])
 
 # Columns that do not take part in the "same content" check of an idempotent re-commit.

@@ -111,7 +111,7 @@ def dataset_row(spec: DatasetSpec, spec_id: str, cat: Catalog, *, metrics: Mappi
     """The ``datasets`` row of ``spec`` as the catalog holds it now: counts, metrics, timings, model, code."""
     import pyarrow.compute as pc
 
-    from factory.models import model_name, pipeline_config
+    from factory.models import model_card_markdown, model_name, pipeline_config
 
     rows = cat.read_table("samples", filter=pc.field("spec_id") == spec_id,
                           columns=["sample_id", "status", "cohort", "model_digest"]).to_pylist()
@@ -124,6 +124,7 @@ def dataset_row(spec: DatasetSpec, spec_id: str, cat: Catalog, *, metrics: Mappi
         "model_name": model_name(spec.model.ref),
         "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
         "licence": pipeline_config(spec.model_location, preset=spec.model.preset).licence,
+        "model_card": model_card_markdown(spec.model_location),
     }
 
 

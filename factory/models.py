@@ -138,6 +138,32 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+MODEL_CARD_NAMES = ("MODEL_CARD.md", "README.md")  # looked for, in this order, in a model directory
+MODEL_CARD_MAX_BYTES = 256 * 1024
+
+
+def model_card_markdown(ref: str) -> str:
+    """The model card of a model reference, as Markdown, for the dataset row (column ``model_card``).
+
+    A model directory's ``MODEL_CARD.md`` (or ``README.md``); for ``preset:NAME`` (seeded random weights)
+    a short card saying so. ``""`` when a directory has no card: the dataset card then says none was found.
+    """
+    name = preset_name(ref)
+    if name is not None:
+        return (f"# preset:{name} with seeded random weights\n\n## Intended use\n\nTesting the factory, its flows, "
+                "QC and catalog end to end without trained weights.\n\n## Limitations\n\nThe weights are random "
+                "(init_seed=0): the images are not CT-like and must not be used as data.\n")
+    from maisi_core.engine.model_dir import resolve_model_path
+
+    folder = resolve_model_path(ref)
+    for card in MODEL_CARD_NAMES:
+        path = folder / card
+        if path.is_file():
+            text = path.read_bytes()[:MODEL_CARD_MAX_BYTES]
+            return text.decode("utf-8", errors="replace")
+    return ""
+
+
 def model_name(ref: str) -> str:
     """A short model name for the catalog: the preset name or the directory name."""
     name = preset_name(ref)

@@ -125,6 +125,7 @@ def test_flow_generates_commits_and_reruns_without_duplicates(prefect_backend, t
     assert report.ok and report.orphans == () and report.files_checked == 4
     datasets = cat.read_table("datasets").to_pylist()
     assert len(datasets) == 1 and datasets[0]["n_passed"] == 2 and datasets[0]["model_digest"]
+    assert "random weights" in datasets[0]["model_card"]  # preset:tiny: the card says so
     assert summary["card_uri"] and Path(summary["card_uri"]).is_file()
     files = _files(tmp_path / "ds")
 
