@@ -9,4 +9,4 @@ from __future__ import annotations
 
 QC_CHOICES: tuple[str, ...] = ("pass", "fail")
 OUTPUT_FORMATS: tuple[str, ...] = ("table", "json", "csv", "parquet")
-EXPORT_FORMATS: tuple[str, ...] = ("nnunet", "msd", "croissant")
+EXPORT_FORMATS: tuple[str, ...] = ("nnunet", "msd", "croissant", "dicom")

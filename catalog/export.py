@@ -11,6 +11,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -88,11 +89,22 @@ def case_name(sample_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", sample_id)
 
 
-def _place(catalog: Catalog, uri: str, target: Path) -> None:
-    """Copy ``uri`` to ``target`` (an independent file: editing it never touches the catalog's)."""
+def _place(catalog: Catalog, uri: str, target: Path, *, link: bool = False) -> None:
+    """Copy ``uri`` to ``target`` (an independent file: editing it never touches the catalog's).
+
+    With ``link``, a local file is hard-linked instead (no extra space, but the export and the catalog
+    then share the bytes: editing either edits both, which ``catalog verify`` reports as a digest
+    mismatch). A remote file, or one on another file system, is always copied.
+    """
     source = _fs.resolve_uri(catalog.root_uri, uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not _fs.is_remote(source):
+        if link:
+            try:
+                os.link(source, target)
+                return
+            except OSError as exc:  # another file system, or links not allowed: copy
+                logger.info("export: cannot hard-link %s (%s); copying", uri, exc)
         shutil.copy2(source, target)
         return
     fs, path = _fs.filesystem(source, catalog.storage_options)
@@ -152,7 +164,7 @@ def image_modality(rows: list[dict[str, Any]]) -> str:
 
 
 def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, dataset_id: int = 500,
-                  name: str | None = None, overwrite: bool = False) -> ExportResult:
+                  name: str | None = None, overwrite: bool = False, link: bool = False) -> ExportResult:
     """Write ``dest/DatasetNNN_Name`` in nnU-Net v2 raw layout with consecutive label IDs.
 
     Args:
@@ -181,7 +193,7 @@ def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = Non
     dtype = np.uint8 if len(maisi_ids) < 256 else np.uint16
     for row in rows:
         case = case_name(row["sample_id"])
-        _place(catalog, row["image_uri"], folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
+        _place(catalog, row["image_uri"], folder / "imagesTr" / f"{case}_0000{FILE_ENDING}", link=link)
         label = load_nifti(catalog, row["label_uri"])
         remapped = lut[np.asanyarray(label.dataobj).astype(np.int64)].astype(dtype)
         out = nib.Nifti1Image(remapped, label.affine, label.header)
@@ -202,7 +214,7 @@ def export_nnunet(catalog: Catalog, dest: str | Path, *, as_of: int | None = Non
 
 
 def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
-               overwrite: bool = False) -> ExportResult:
+               overwrite: bool = False, link: bool = False) -> ExportResult:
     """Write an MSD-style ``dataset.json`` datalist (MONAI ``load_decathlon_datalist``) with files.
 
     Labels keep their MAISI IDs; ``labels`` names the IDs present.
@@ -217,8 +229,8 @@ def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
         case = case_name(row["sample_id"])
         image = f"imagesTr/{case}{FILE_ENDING}"
         label = f"labelsTr/{case}{FILE_ENDING}"
-        _place(catalog, row["image_uri"], folder / image)
-        _place(catalog, row["label_uri"], folder / label)
+        _place(catalog, row["image_uri"], folder / image, link=link)
+        _place(catalog, row["label_uri"], folder / label, link=link)
         training.append({
             "image": f"./{image}", "label": f"./{label}", "sample_id": row["sample_id"],
             "dim": row["output_size"], "spacing": row["spacing_mm"], "body_region": row["body_region"],
@@ -237,34 +249,77 @@ def export_msd(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
     return ExportResult("msd", folder, version, len(rows), {i: i for i in maisi_ids})
 
 
-def export_croissant(catalog: Catalog, dest: str | Path, *, as_of: int | None = None,
-                     overwrite: bool = False) -> ExportResult:
-    """Write ``croissant.json`` (Croissant 1.0 JSON-LD), ``samples.csv`` and the files under ``data/``."""
+def export_croissant(catalog: Catalog, dest: str | Path, *, as_of: int | None = None, overwrite: bool = False,
+                     licence: str | None = None, url: str | None = None, link: bool = False) -> ExportResult:
+    """Write ``croissant.json`` (Croissant 1.1 JSON-LD with RAI fields), ``samples.csv`` and ``data/`` files.
+
+    The same catalog version gives byte-identical files: dates come from the catalog rows, paths are
+    relative to ``dest``.
+
+    Args:
+        catalog: The catalog to export.
+        dest: The export folder.
+        as_of: A ``samples`` version; latest when None.
+        overwrite: Replace an existing export in ``dest``.
+        licence: The dataset's SPDX licence id (one of ``catalog.croissant.SPDX_LICENCES``); when None, the
+            id that starts the catalog's recorded licence text.
+        url: The dataset's web page, an absolute http(s) URL (Croissant 1.1 lists ``url`` as required:
+            pass it for a published dataset); the document has no ``url`` when None.
+
+    Raises:
+        ExportError: When no SPDX licence can be found or ``url`` is not an absolute http(s) URL.
+    """
+    from catalog.croissant import (SAMPLES_CSV, check_dataset_url, check_no_local_paths, select_dataset_row,
+                                   spdx_licence)
+
     version, rows = passing_rows(catalog, as_of=as_of)
+    datasets = catalog.read_table("datasets", as_of=version).to_pylist() if catalog.exists("datasets") else []
+    recorded = select_dataset_row(datasets, rows)
+    spdx = spdx_licence(recorded.get("licence") if recorded else None, override=licence)
+    url = check_dataset_url(url)
     folder = prepare_destination(dest, overwrite=overwrite)
     for row in rows:
         case = case_name(row["sample_id"])
         row["image_path"] = f"data/images/{case}{FILE_ENDING}"
         row["label_path"] = f"data/labels/{case}{FILE_ENDING}"
-        _place(catalog, row["image_uri"], folder / row["image_path"])
-        _place(catalog, row["label_uri"], folder / row["label_path"])
-    document = build_croissant(folder, rows, provenance=_provenance(catalog, rows, version),
-                               licence=_licence(catalog, version))
-    (folder / "croissant.json").write_text(json.dumps(document, indent=2))
+        _place(catalog, row["image_uri"], folder / row["image_path"], link=link)
+        _place(catalog, row["label_uri"], folder / row["label_path"], link=link)
+    document = build_croissant(folder, rows, datasets=datasets, licence=spdx, url=url)
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    local_paths = [catalog.root_uri, str(folder.resolve())]
+    check_no_local_paths(text, local_paths, file="croissant.json")
+    check_no_local_paths((folder / SAMPLES_CSV).read_text(encoding="utf-8"), local_paths, file=SAMPLES_CSV)
+    (folder / "croissant.json").write_text(text, encoding="utf-8")
     logger.info("export_croissant: %d cases to %s", len(rows), folder)
     return ExportResult("croissant", folder, version, len(rows), {})
 
 
 def export_dataset(catalog: Catalog, dest: str | Path, *, format: str, as_of: int | None = None,
-                   dataset_id: int = 500, overwrite: bool = False) -> ExportResult:
-    """Export in ``format`` (one of ``EXPORT_FORMATS``); see the format-specific functions."""
+                   dataset_id: int = 500, overwrite: bool = False, link: bool = False,
+                   licence: str | None = None, url: str | None = None) -> ExportResult:
+    """Export in ``format`` (one of ``EXPORT_FORMATS``); see the format-specific functions.
+
+    ``licence`` and ``url`` apply to Croissant only; ``link`` to the formats that place the catalog's files
+    unchanged (nnU-Net images, MSD, Croissant); DICOM writes new files.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"export expects format in {list(EXPORT_FORMATS)}, but got format={format!r}.")
+    if format != "croissant" and (licence is not None or url is not None):
+        given = "licence" if licence is not None else "url"
+        raise ExportError(f"export expects {given} only with format='croissant', but got format={format!r}. "
+                          "Other formats carry the catalog's licence text.")
+    if format == "dicom" and link:
+        raise ExportError("export expects link=False with format='dicom', but got link=True. DICOM objects are "
+                          "new files: there is nothing to link.")
     if format == "nnunet":
-        return export_nnunet(catalog, dest, as_of=as_of, dataset_id=dataset_id, overwrite=overwrite)
+        return export_nnunet(catalog, dest, as_of=as_of, dataset_id=dataset_id, overwrite=overwrite, link=link)
     if format == "msd":
-        return export_msd(catalog, dest, as_of=as_of, overwrite=overwrite)
+        return export_msd(catalog, dest, as_of=as_of, overwrite=overwrite, link=link)
     if format == "croissant":
-        return export_croissant(catalog, dest, as_of=as_of, overwrite=overwrite)
-    raise ExportError(f"export expects format in {list(EXPORT_FORMATS)}, but got format={format!r}.")
+        return export_croissant(catalog, dest, as_of=as_of, overwrite=overwrite, licence=licence, url=url, link=link)
+    from catalog.dicom import export_dicom  # highdicom and pydicom load only for this format
+
+    return export_dicom(catalog, dest, as_of=as_of, overwrite=overwrite)
 
 
 def _licence(catalog: Catalog, version: int) -> str:
@@ -282,10 +337,10 @@ def _provenance(catalog: Catalog, rows: list[dict[str, Any]], version: int) -> d
         return sorted({r[key] for r in rows if r.get(key) is not None})
 
     seeds = distinct("seed")
-    return {
-        "synthetic": True, "generator": "ctfactory (NVIDIA MAISI)", "catalog_root": catalog.root_uri,
+    models = sorted({(r["model_name"], r["model_digest"]) for r in rows})
+    return {  # no catalog location: an export is read elsewhere, and a local path says nothing there
+        "synthetic": True, "generator": "ctfactory (NVIDIA MAISI)",
         "catalog_version": version, "dataset": distinct("dataset"), "dataset_version": distinct("dataset_version"),
-        "spec_id": distinct("spec_id"), "model_name": distinct("model_name"),
-        "model_digest": distinct("model_digest"), "code_version": distinct("code_version"),
-        "seed_range": [seeds[0], seeds[-1]] if seeds else None,
+        "spec_id": distinct("spec_id"), "models": [{"name": n, "digest": d} for n, d in models],
+        "code_version": distinct("code_version"), "seed_range": [seeds[0], seeds[-1]] if seeds else None,
     }

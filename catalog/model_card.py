@@ -65,7 +65,8 @@ def _bullet_text(lines: list[str], start: int, pattern: re.Pattern[str]) -> str:
         if not line.strip() or _BULLET.match(line) or not line.startswith((" ", "\t")):
             break
         parts.append(line.strip())
-    return " ".join(p for p in parts if p)
+    text = " ".join(p for p in parts if p)
+    return text[:1].upper() + text[1:]  # "Good for: running ..." reads as a sentence on its own
 
 
 def _paragraphs(lines: list[str]) -> str:

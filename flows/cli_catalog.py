@@ -183,15 +183,55 @@ def run_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
 
+DICOMWEB_PASSWORD_ENV = "CTFACTORY_DICOMWEB_PASSWORD"
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """Handle ``catalog export``."""
+    """Handle ``catalog export`` (and, with ``--to URL``, the STOW-RS send and QIDO check of a DICOM export)."""
+    if args.dicomweb_user is not None and not args.to:
+        from catalog.errors import ExportError
+
+        raise ExportError("catalog export expects --to URL with --dicomweb-user, but got to=None.")
+    password = _dicomweb_password(args) if args.to else None
+    if args.to:
+        from catalog.dicomweb import check_dicomweb_url
+
+        check_dicomweb_url(args.to)
     with _reading(args, "export"):
         from catalog.export import export_dataset
 
         result = export_dataset(_open(args), args.dest, format=args.format, as_of=args.version,
-                                dataset_id=args.dataset_id, overwrite=args.overwrite)
+                                dataset_id=args.dataset_id, overwrite=args.overwrite, link=args.link,
+                                licence=args.licence, url=args.url)
     _emit(f"exported {result.num_cases} cases of version {result.version} as {result.format} to {result.path}\n")
+    if args.to:
+        from catalog.dicomweb import send_dicom_export
+
+        sent = send_dicom_export(result.path, args.to, username=args.dicomweb_user, password=password)
+        _emit(f"stored {sent.instances} instances in {sent.studies} studies at {sent.url} "
+              f"(QIDO: every study complete)\n")
     return EXIT_OK
+
+
+def _dicomweb_password(args: argparse.Namespace) -> str | None:
+    """Check the ``--to`` options; return the password from the environment, registered for redaction."""
+    import base64
+    import os
+
+    from catalog.errors import ExportError
+    from flows.secrets import redact_values
+
+    if args.format != "dicom":
+        raise ExportError(f"catalog export expects --format dicom with --to, but got format={args.format!r}.")
+    if args.dicomweb_user is None:
+        return None
+    password = os.environ.get(DICOMWEB_PASSWORD_ENV)
+    if not password:
+        raise ExportError(f"catalog export expects the password of --dicomweb-user in the environment variable "
+                          f"{DICOMWEB_PASSWORD_ENV}, but got none. Set it (never pass it as an option).")
+    token = base64.b64encode(f"{args.dicomweb_user}:{password}".encode()).decode()  # the Authorization header
+    redact_values([password, token])
+    return password
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -249,18 +289,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--no-orphans", action="store_true", help="skip listing unreferenced volume files")
     verify.set_defaults(func=run_verify)
 
-    export = sub.add_parser("export", help="export passing samples as nnU-Net v2, MSD or Croissant")
+    export = sub.add_parser("export", help="export passing samples as nnU-Net v2, MSD, Croissant or DICOM")
     _add_root(export)
     export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     export.add_argument("--dest", required=True, metavar="DIR")
     export.add_argument("--version", type=int, metavar="N", help="samples table version (default: latest)")
     export.add_argument("--dataset-id", type=int, default=500, metavar="NNN", help="nnU-Net dataset ID (1-999)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    export.add_argument("--link", action="store_true", help="hard-link the catalog's files instead of copying "
+                        "them (saves space; editing an exported file then edits the catalog's copy too, which "
+                        "`catalog verify` reports)")
+    export.add_argument("--url", metavar="URL", help="with --format croissant: the dataset's public page "
+                        "(absolute http(s)); Croissant's url")
+    export.add_argument("--licence", metavar="SPDX_ID", help="with --format croissant: the dataset's licence as an "
+                        "SPDX id (e.g. CC-BY-4.0), when the model's recorded licence does not start with one")
+    export.add_argument("--to", metavar="URL", help="with --format dicom: store the export on this DICOMweb server "
+                        "(STOW-RS, e.g. http://pacs:8042/dicom-web) and check each study with QIDO-RS")
+    export.add_argument("--dicomweb-user", metavar="USER", help="HTTP basic auth user for --to; the password is "
+                        f"read from the environment variable {DICOMWEB_PASSWORD_ENV}")
     export.set_defaults(func=run_export)
 
     report = subparsers.add_parser("report", help="write a self-contained HTML dataset card")
     _add_root(report)
     report.add_argument("--version", type=int, metavar="N", help="samples table version (default: latest)")
     report.add_argument("--dest", required=True, metavar="FILE.html")
-    report.add_argument("--previews", type=int, default=4, metavar="K", help="number of preview cases")
+    report.add_argument("--previews", type=int, default=None, metavar="K", help="number of preview cases "
+                        "(default: at least 4 and at least one per cohort)")
     report.set_defaults(func=run_report)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
+
+
 import json
 
 import nibabel as nib
@@ -12,7 +12,8 @@ import pytest
 from _catalog_cases import make_failed_record, write_case
 
 from catalog.errors import ExportError, ExportExistsError
-from catalog.export import export_croissant, export_dataset, export_msd, export_nnunet
+from catalog.export import export_dataset, export_msd, export_nnunet
+from catalog.verify import verify_catalog
 from catalog.store import open_catalog
 
 
@@ -95,33 +96,12 @@ def test_export_msd_loads_with_monai(root, tmp_path):
     assert meta["ctfactory"]["synthetic"] is True
 
 
-def test_export_croissant_has_hashes_recordset_and_synthetic_fields(root, tmp_path):
-    dest = tmp_path / "croissant"
-    export_croissant(open_catalog(root), dest)
-    doc = json.loads((dest / "croissant.json").read_text())
-    assert doc["@type"] == "sc:Dataset" and doc["conformsTo"] == "http://mlcommons.org/croissant/1.0"
-    files = {f["@id"]: f for f in doc["distribution"]}
-    assert set(files) == {"samples.csv", "data/images/case_0000.nii.gz", "data/labels/case_0000.nii.gz",
-                          "data/images/case_0001.nii.gz", "data/labels/case_0001.nii.gz"}
-    image = dest / "data/images/case_0001.nii.gz"
-    assert files["data/images/case_0001.nii.gz"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
-    assert doc["rai:hasSyntheticData"] is True and doc["rai:dataCollectionType"] == ["Synthetic"]
-    assert doc["ctfactory:generator"]["model_name"] == ["maisi-tiny"]
-    assert doc["ctfactory:generator"]["spec_id"] == ["spec-abc123"]
-    (record_set,) = doc["recordSet"]
-    assert record_set["key"] == {"@id": "samples/sample_id"}
-    assert {f["name"] for f in record_set["field"]} >= {"sample_id", "image_path", "seed", "spec_id", "model_digest"}
-    rows = list(csv.DictReader((dest / "samples.csv").open()))
-    assert [r["sample_id"] for r in rows] == ["case_0000", "case_0001"]  # the failed case is not exported
-    assert doc["license"] == "CC-BY-4.0"
-
-
 def test_export_without_passing_samples_and_bad_format(tmp_path):
     cat = open_catalog(tmp_path / "root")
     cat.append_samples([make_failed_record(0)])
     with pytest.raises(ExportError, match=r"export expects at least one passing sample, but got 0 at version=0"):
         export_msd(cat, tmp_path / "out")
-    with pytest.raises(ExportError, match=r"export expects format in \['nnunet', 'msd', 'croissant'\], but got format='coco'"):
+    with pytest.raises(ExportError, match=r"export expects format in \['nnunet', 'msd', 'croissant', 'dicom'\], but got format='coco'"):
         export_dataset(cat, tmp_path / "out", format="coco")
 
 
@@ -130,3 +110,33 @@ def test_export_as_of_exports_that_version_only(root, tmp_path):
     cat.append_samples([write_case(root, 5, label_ids=(3, 200))])
     assert export_msd(cat, tmp_path / "new").num_cases == 3
     assert export_msd(cat, tmp_path / "old", as_of=0).num_cases == 2
+
+
+def test_link_is_opt_in_and_verify_catches_an_edit_through_it(root, tmp_path):
+    src = root / "images" / "case_0000.nii.gz"
+    export_msd(open_catalog(root), tmp_path / "copied")
+    assert src.stat().st_nlink == 1  # the default copies
+    result = export_dataset(open_catalog(root), tmp_path / "linked", format="msd", link=True)
+    linked = result.path / "imagesTr" / "case_0000.nii.gz"
+    assert linked.stat().st_ino == src.stat().st_ino and src.stat().st_nlink == 2
+    assert verify_catalog(open_catalog(root)).ok
+    with linked.open("ab") as fh:  # the stated risk: editing the export edits the catalog's file
+        fh.write(b"edited")
+    report = verify_catalog(open_catalog(root))
+    assert not report.ok and "case_0000" in str(report)
+
+
+def test_export_options_of_one_format_are_refused_with_another(root, tmp_path):
+    with pytest.raises(ExportError, match=r"export expects url only with format='croissant', but got format='msd'"):
+        export_dataset(open_catalog(root), tmp_path / "a", format="msd", url="https://example.org/ds")
+    with pytest.raises(ExportError, match=r"export expects link=False with format='dicom', but got link=True"):
+        export_dataset(open_catalog(root), tmp_path / "b", format="dicom", link=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nnunet", "msd", "croissant"])
+def test_exports_name_no_local_path(root, tmp_path, fmt):
+    """An export is read elsewhere: no file it writes names the catalog's or the export's local folder."""
+    result = export_dataset(open_catalog(root), tmp_path / "out", format=fmt, dataset_id=42)
+    texts = [p.read_text() for p in result.path.rglob("*") if p.suffix in (".json", ".csv")]
+    assert texts and not any(str(tmp_path) in t for t in texts)

@@ -9,8 +9,8 @@ from factory.models import model_card_markdown
 def test_default_model_card_states_intended_use_limitations_and_licence():
     card = parse_model_card(model_card_markdown("default"))
     assert card.title.startswith("ctfactory `default` model")
-    assert card.intended_use.startswith("running the factory") and "smoke tests" in card.intended_use
-    assert card.limitations.startswith("anything that needs realistic CT")
+    assert card.intended_use.startswith("Running the factory") and "smoke tests" in card.intended_use
+    assert card.limitations.startswith("Anything that needs realistic CT")
     assert "Apache-2.0" in card.licence
 
 
@@ -26,7 +26,7 @@ def test_sections_are_read_and_missing_parts_stay_empty():
 
 def test_bullets_with_continuation_lines():
     card = parse_model_card("# M\n\n- Good for: tests;\n  demos.\n- Not good for: clinical use.\n")
-    assert card.intended_use == "tests; demos." and card.limitations == "clinical use."
+    assert card.intended_use == "Tests; demos." and card.limitations == "Clinical use."
 
 
 def test_model_card_of_presets_and_directories(tmp_path):
