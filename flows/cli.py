@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "flows.cli_catalog",
     "flows.cli_models",
     "flows.cli_validate",
+    "flows.cli_view",
 )
 
 EXIT_BAD_INPUT = 2
