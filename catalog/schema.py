@@ -21,7 +21,8 @@ from catalog.errors import CatalogPathError, RecordError, SchemaMismatchError
 from catalog.fs import relative_path
 
 SCHEMA_VERSION = 5  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
-# 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median; datasets.model_card
+# 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median; datasets.model_card,
+# metric_sources, utility_*
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -93,6 +94,15 @@ DATASETS_SCHEMA = pa.schema([
     pa.field("created_at", TIMESTAMP, nullable=False),
     pa.field("schema_version", pa.int32(), nullable=False),
     pa.field("model_card", pa.string()),  # v5: the generator model's card (Markdown); see catalog.model_card
+    pa.field("metric_sources", pa.map_(pa.string(), pa.string())),  # v5: metric -> extractor and its version
+    # v5: downstream utility (factory.utility): segmenter trained with and without the synthetic cases
+    pa.field("utility_segmenter", pa.string()),
+    pa.field("utility_budget", pa.string()),  # JSON: the UtilityConfig every arm trained with
+    pa.field("utility_arms", pa.string()),  # JSON: [{name, ratio, n_real, n_synthetic}]
+    pa.field("utility_real_fingerprint", pa.string()),  # sha256 of the real cases (never the images)
+    pa.field("utility_test", pa.string()),  # which real cases were the test set
+    pa.field("utility_results", pa.string()),  # JSON: per arm and structure, Dice and surface Dice with CIs, deltas
+    pa.field("utility_mean_dice_delta", _FLOAT_MAP),  # arm -> mean Dice delta against real only
 ])
 
 # Columns that do not take part in the "same content" check of an idempotent re-commit.
