@@ -141,7 +141,10 @@ def lung_blue(picture: np.ndarray) -> float:
 
 
 def case_rows(driver) -> list[str]:
-    return [tr.get_attribute("data-sample-id") for tr in driver.find_elements("css selector", "#cases tbody tr")]
+    # read in one script call: the list re-renders while a filter applies, and element handles fetched one by
+    # one can go stale between calls (seen in CI under load)
+    return driver.execute_script("return Array.from(document.querySelectorAll('#cases tbody tr'), "
+                                 "tr => tr.getAttribute('data-sample-id'));")
 
 
 def canvas_picture(canvas) -> tuple[np.ndarray, bytes]:
