@@ -30,6 +30,7 @@ from catalog.model_card import parse_model_card
 from catalog.report_cases import cohort_of, preview_rows, read_cases, structures_table, tumour_table
 from catalog.report_html import display_root, esc, figure_png, render_inline, render_markdown, table
 from catalog.report_metrics import metrics_section
+from catalog.report_utility import utility_section
 from catalog.store import Catalog
 
 __all__ = ["build_report_html", "plot_organ_hu", "preview_rows", "reference_ranges", "spec_yaml", "write_report"]
@@ -265,6 +266,7 @@ def build_report_html(catalog: Catalog, *, as_of: int | None = None, max_preview
              'max(sigma_6_high, p99.5)], bone capped at 1000 HU.</p>',
              _structures_section(passing, tally),
              metrics_section(datasets),
+             utility_section(dataset),  # "" unless the latest datasets row has utility_results
              _previews_section(figures, previewed, passing),
              _model_card_section(dataset)]
     body = "\n".join(parts)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from catalog.report_html import esc, table
-from catalog.schema import METRIC_PREFIXES
+from catalog.schema import DATASETS_SCHEMA, METRIC_PREFIXES
 
 _EXTRACTORS = {"radiomics": "radiomics-style slice features", "astra": "Astra/Merlin I3ResNet-152 CT features"}
 
@@ -64,6 +64,15 @@ def _fd_ref(m: re.Match, metrics: Mapping[str, float]) -> MetricNote:
         "—", f"It is the yardstick for fd_{m.group('ext')}; small means the reference set is stable.")
 
 
+def _frd_v1(m: re.Match, metrics: Mapping[str, float]) -> MetricNote:
+    return MetricNote(
+        "The published Fréchet Radiomics Distance (FRD v1, Konz et al.; the frd-score package): the log of the "
+        "squared Fréchet distance between PyRadiomics features of whole volumes (original, LoG and wavelet "
+        "images), z-scored with the reference set.", "—",
+        "Lower is better; it is a log, so +1 means d² grew by a factor e. Compare only at the same reference set "
+        "and sample size. It normalises each image, so it barely sees a global HU shift: fd_radiomics does.")
+
+
 def _diversity_mean(m: re.Match, metrics: Mapping[str, float]) -> MetricNote:
     return MetricNote(
         f"Mean pairwise distance between generated cases in standardised {_features(m.group('ext'))}: how much "
@@ -98,6 +107,7 @@ def _count(what: str) -> Callable[[re.Match, Mapping[str, float]], MetricNote]:
 
 
 _RULES: tuple[tuple[re.Pattern[str], Callable[[re.Match, Mapping[str, float]], MetricNote]], ...] = (
+    (re.compile(r"^fd_frd_v1$"), _frd_v1),
     (re.compile(r"^fd_(?P<ext>.+)_ref$"), _fd_ref),
     (re.compile(r"^fd_(?P<ext>.+?)(?:_(?P<plane>axial|coronal|sagittal))?$"), _fd),
     (re.compile(r"^diversity_(?P<ext>.+)_mean_pairwise$"), _diversity_mean),
@@ -127,7 +137,8 @@ def describe_metric(name: str, metrics: Mapping[str, float]) -> MetricNote:
 def dataset_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """Return the metrics of one datasets row: its ``metrics`` map and its metric columns."""
     metrics = {k: float(v) for k, v in dict(row.get("metrics") or {}).items() if v is not None}
-    metrics.update({k: float(v) for k, v in row.items() if k.startswith(METRIC_PREFIXES) and v is not None})
+    metrics.update({k: float(v) for k, v in row.items() if k.startswith(METRIC_PREFIXES)
+                    and k not in DATASETS_SCHEMA.names and v is not None})  # metric_sources is no metric
     return metrics
 
 

@@ -112,6 +112,7 @@ def dataset_row(spec: DatasetSpec, spec_id: str, cat: Catalog, *, metrics: Mappi
     import pyarrow.compute as pc
 
     from factory.models import model_card_markdown, model_name, pipeline_config
+    from factory.validate import metric_sources
 
     rows = cat.read_table("samples", filter=pc.field("spec_id") == spec_id,
                           columns=["sample_id", "status", "cohort", "model_digest"]).to_pylist()
@@ -120,7 +121,8 @@ def dataset_row(spec: DatasetSpec, spec_id: str, cat: Catalog, *, metrics: Mappi
         "samples_version": cat.version, "n_samples": len(rows),
         "n_passed": sum(r["status"] == "passed" for r in rows), "n_failed": sum(r["status"] == "failed" for r in rows),
         "cohort_counts": {c.name: sum(r["cohort"] == c.name for r in rows) for c in spec.cohorts},
-        "metrics": dict(metrics), **dict(metrics), "timings_s": dict(timings), "code_version": code_version,
+        "metrics": dict(metrics), **dict(metrics), "metric_sources": metric_sources(metrics),
+        "timings_s": dict(timings), "code_version": code_version,
         "model_name": model_name(spec.model.ref),
         "model_digest": ",".join(sorted({r["model_digest"] for r in rows if r["model_digest"]})),
         "licence": pipeline_config(spec.model_location, preset=spec.model.preset).licence,

@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "flows.cli_models",
     "flows.cli_validate",
     "flows.cli_view",
+    "flows.cli_utility",
 )
 
 EXIT_BAD_INPUT = 2

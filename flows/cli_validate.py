@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "reference.json or NIfTI images (e.g. from scripts/fetch_real_ct.py)")
     p.add_argument("--extractor", default="radiomics", choices=("radiomics", "astra"),
                    help="features: radiomics (default, no weights) or astra (I3ResNet-152; needs the astra extra)")
+    p.add_argument("--image-distance", default=None, choices=("auto", "frd_v1", "fallback"),
+                   help="auto (default): the published FRD v1 (fd_frd_v1, needs the frd extra) beside the fast "
+                        "radiomics-style fallback when installed; frd_v1: require it; fallback: skip it")
     p.add_argument("--as-of", type=int, default=None, help="samples table version to validate")
     p.add_argument("--max-cases", type=int, default=64)
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
@@ -31,7 +34,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     cat = open_catalog(args.root, parse_storage_options(args.storage_option) or None)
     generated = load_generated(cat, as_of=args.as_of, max_cases=args.max_cases)
-    metrics = compute_dataset_metrics(generated, args.reference, extractor=args.extractor)
+    metrics = compute_dataset_metrics(generated, args.reference, extractor=args.extractor,
+                                      image_distance=args.image_distance)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.6g}")

@@ -29,6 +29,12 @@ def tiny_components(device: str = "cpu"):
     return MaisiPipeline.from_config(presets.tiny(), device=device, init_seed=0)
 
 
+@pytest.fixture(autouse=True)
+def _fast_image_distance(monkeypatch):
+    """Dataset metrics in tests use the fast fallback (FRD v1 takes ~20 s a volume); tests/test_frd.py asks for it."""
+    monkeypatch.setattr("factory.validate.DEFAULT_IMAGE_DISTANCE", "fallback")
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     return tiny_components()

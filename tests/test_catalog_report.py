@@ -51,7 +51,8 @@ def report_root(tmp_path_factory):
                        + [make_failed_record(9, attempt=2)])
     cat.append_dataset({"dataset": "demo", "dataset_version": "1", "spec": "name: demo\ncount: 4\n",
                         "licence": "CC-BY-4.0", "fd_radimagenet_resnet50": 3.25,
-                        "metrics": {"diversity_ms_ssim": 0.41}})
+                        "metrics": {"diversity_ms_ssim": 0.41},
+                        "metric_sources": {"fd_radimagenet_resnet50": "radimagenet-resnet50 1.0"}})  # a map, not a metric
     return root
 
 
