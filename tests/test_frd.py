@@ -160,3 +160,23 @@ def test_auto_adds_the_published_frd_beside_the_fallback_with_its_source():
     assert np.isfinite(metrics[FRD_METRIC]) and np.isfinite(metrics["fd_radiomics"])
     sources = metric_sources(metrics)
     assert sources[FRD_METRIC] == frd.FRD_EXTRACTOR and FALLBACK in sources["fd_radiomics"]
+
+
+def test_a_run_ends_with_the_fast_distance_only(monkeypatch):
+    """FRD v1 (~20 s a small volume) is `ctfactory validate`'s; the end of every run keeps the fast fallback."""
+    from factory import dataset
+
+    seen = {}
+
+    def fake_validate_dataset(cat, **kwargs):
+        seen.update(kwargs)
+        return {"fd_radiomics": 1.0}
+
+    monkeypatch.setattr(validate, "validate_dataset", fake_validate_dataset)
+
+    class Root:
+        def catalog(self):
+            return None
+
+    assert dataset.dataset_metrics(None, "sid", Root()) == {"fd_radiomics": 1.0}
+    assert seen["image_distance"] == "fallback"
