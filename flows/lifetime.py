@@ -246,8 +246,9 @@ class _GraceTimer:
     the bytes on to any wakeup fd that was set before.
     """
 
-    def __init__(self, signals: set[int], grace_s: float) -> None:
+    def __init__(self, signals: set[int], grace_s: float, record: SignalRecord | None = None) -> None:
         self.signals, self.grace_s, self.armed = signals, grace_s, False
+        self.record = record
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
@@ -262,6 +263,10 @@ class _GraceTimer:
                 except OSError:  # its owner closed it or stopped reading: the wakeup is theirs to lose
                     pass
             signum = next((b for b in data if b in self.signals), None)
+            if signum is not None and self.record is not None and self.record.signum is None:
+                # a signal Prefect's handler took (it may surface as any exception, e.g. Prefect's
+                # "Task run is not set" when it lands inside the task engine) still counts as a stop
+                self.record.signum = signum
             if signum is not None and not self.armed:
                 self.armed = True
                 timer = threading.Timer(self.grace_s, _stop_after_grace, args=(signum, self.grace_s))
@@ -299,7 +304,7 @@ def interrupt_on_signals(signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT
 
     signals = set(signals)
     previous = {signum: signal.signal(signum, handle) for signum in signals}
-    timer = _GraceTimer(signals, grace_s) if grace_s is not None else None
+    timer = _GraceTimer(signals, grace_s, record) if grace_s is not None else None
     try:
         yield record
     finally:
