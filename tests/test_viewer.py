@@ -6,7 +6,6 @@ The server runs in a thread on a free port against tiny 8x8x8 catalogs; requests
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from _catalog_cases import make_failed_record, make_record, write_case
+from _viewer import serving
 
 from catalog.root import DatasetRoot
 from catalog.store import open_catalog
@@ -32,18 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-value-never-logged"
 
 
-@contextlib.contextmanager
-def serving(root: Path | str, **kwargs):
-    """Serve the viewer of ``root`` in a thread on a free port; stop it afterwards."""
-    server = build_viewer_server(DatasetRoot.of(root), **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def request(server, path: str, *, method: str = "GET", headers: dict | None = None, body: bytes | None = None):

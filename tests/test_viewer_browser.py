@@ -12,17 +12,15 @@ import io
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from _catalog_cases import make_failed_record, make_record
+from _viewer import serving
 
-from catalog.root import DatasetRoot
 from catalog.store import open_catalog
-from catalog.viewer import build_viewer_server
 
 pytestmark = pytest.mark.slow
 
@@ -101,15 +99,8 @@ def server(tmp_path):
     root = tmp_path / "root"
     cat = open_catalog(root)
     cat.append_samples([write_phantom_case(root, i) for i in range(3)] + [make_failed_record(3)])
-    server = build_viewer_server(DatasetRoot.of(root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(root) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def body_attribute(driver, name: str) -> str | None:
