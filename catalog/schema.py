@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 from catalog.errors import CatalogPathError, RecordError, SchemaMismatchError
 from catalog.fs import relative_path
 
-SCHEMA_VERSION = 5  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
+SCHEMA_VERSION = 6  # 2: samples.precision; 3: samples.tumor_contrast_hu, tumor_diameter_mm, label_agreement;
 # 4: samples.cpu_threads; 5: samples.modality, organ_hu_median renamed organ_median; datasets.model_card,
-# metric_sources, utility_*
+# metric_sources, utility_*; 6: samples.generation_batch
 STATUSES: tuple[str, ...] = ("passed", "failed")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 _FLOAT_MAP = pa.map_(pa.string(), pa.float64())
@@ -68,12 +68,14 @@ SAMPLES_SCHEMA = pa.schema([
     pa.field("label_agreement", _FLOAT_MAP),  # v3: structure -> fraction of voxels in its tissue HU range
     pa.field("cpu_threads", pa.int32()),  # v4: torch CPU threads of the worker that made it; null in older rows
     pa.field("modality", pa.string()),  # v5: "CT" or "MR", the unit of the intensity columns (read as CT before)
+    pa.field("generation_batch", pa.int32()),  # v6: cases denoised together with it (itself included); 1 before
 ])
 
 # Columns renamed in a schema version: current name -> the name rows written before it carry.
 RENAMED_COLUMNS: dict[str, str] = {"organ_median": "organ_hu_median"}  # v5
-# Values that rows written before a column existed implicitly had: every row before v5 is CT.
-IMPLIED_VALUES: dict[str, Any] = {"modality": "CT"}
+# Values that rows written before a column existed implicitly had: every row before v5 is CT, and every case
+# before v6 was denoised alone.
+IMPLIED_VALUES: dict[str, Any] = {"modality": "CT", "generation_batch": 1}
 
 DATASETS_SCHEMA = pa.schema([
     pa.field("dataset", pa.string(), nullable=False),
@@ -107,7 +109,8 @@ DATASETS_SCHEMA = pa.schema([
 
 # Columns that do not take part in the "same content" check of an idempotent re-commit.
 # How and when a row was made, not what it is: two records differing only here are the same record.
-VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at", "timings_s", "cpu_threads", "schema_version"})
+VOLATILE_COLUMNS: frozenset[str] = frozenset({"created_at", "timings_s", "cpu_threads", "generation_batch",
+                                              "schema_version"})
 METRIC_PREFIXES: tuple[str, ...] = ("fd_", "metric_", "diversity_", "memorisation_")
 
 
@@ -166,6 +169,7 @@ class SampleRecord:
     tumor_diameter_mm: float | None = None
     label_agreement: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modality: str = "CT"
+    generation_batch: int | None = None
     failure_reason: str | None = None
     created_at: datetime = dataclasses.field(default_factory=utc_now)
     schema_version: int = SCHEMA_VERSION

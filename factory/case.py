@@ -1,7 +1,9 @@
 """One case, as plain functions: mask → generate → QC (retries on derived seeds) → write → record.
 
-:func:`run_case` is what the ``generate_case`` task calls; it takes a :class:`CaseRequest` and a
-:class:`CaseGenerator` and returns a :class:`catalog.schema.SampleRecord` (passed or failed).
+:func:`run_case` takes a :class:`CaseRequest` and a :class:`CaseGenerator` and returns a
+:class:`catalog.schema.SampleRecord` (passed or failed); :func:`run_cases`, which the ``generate-cases``
+task calls, does the same for a few cases, generating those of one size and spacing together when the
+generator can (:class:`BatchGenerator`): the same seeds, masks, QC, retries and records as one by one.
 
 The generator seam
 ------------------
@@ -25,7 +27,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol
@@ -51,12 +53,14 @@ class GeneratedVolume:
         label_map: (X, Y, Z) MAISI label IDs.
         affine: (4, 4) RAS affine of both.
         timings_s: seconds per stage.
+        batch_size: how many cases were generated together with this one (itself included).
     """
 
     image_hu: np.ndarray
     label_map: np.ndarray
     affine: np.ndarray
     timings_s: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
 
 
 class CaseGenerator(Protocol):
@@ -69,6 +73,17 @@ class CaseGenerator(Protocol):
 
     def generate(self, request: CaseRequest, mask: Any, *, seed: int) -> GeneratedVolume:
         """Return a volume for ``request`` conditioned on ``mask`` (a ``MaskResult``), drawn from ``seed``."""
+
+
+class BatchGenerator(CaseGenerator, Protocol):
+    """A generator that can also make several cases of one size and spacing at once (optional)."""
+
+    def generate_batch(self, requests: Sequence[CaseRequest], masks: Sequence[Any], seeds: Sequence[int]
+                       ) -> list[GeneratedVolume]:
+        """One volume per request, each the volume :meth:`generate` gives it alone."""
+
+    def suggest_batch_size(self, request: CaseRequest, *, limit: int) -> int:
+        """How many cases like ``request`` to generate at once (1 to ``limit``)."""
 
 
 class PipelineGenerator:
@@ -87,6 +102,21 @@ class PipelineGenerator:
             out = self.pipeline.generate(mask.label_map, spacing_mm=request.spacing_mm, seed=seed,
                                          num_inference_steps=request.num_inference_steps, affine=mask.affine)
         return GeneratedVolume(out.image, out.label_map, out.affine, dict(out.timings_s))
+
+    def generate_batch(self, requests: Sequence[CaseRequest], masks: Sequence[Any], seeds: Sequence[int]
+                       ) -> list[GeneratedVolume]:
+        """The cases denoised together (:meth:`MaisiPipeline.generate_batch`); they share size, spacing and steps."""
+        first = requests[0]
+        with self._lock:
+            outs = self.pipeline.generate_batch([m.label_map for m in masks], spacing_mm=first.spacing_mm,
+                                                seeds=list(seeds), num_inference_steps=first.num_inference_steps,
+                                                affines=[m.affine for m in masks])
+        return [GeneratedVolume(o.image, o.label_map, o.affine, dict(o.timings_s), o.batch_size) for o in outs]
+
+    def suggest_batch_size(self, request: CaseRequest, *, limit: int) -> int:
+        """:meth:`MaisiPipeline.suggest_batch_size` for the request's size and spacing."""
+        with self._lock:
+            return self.pipeline.suggest_batch_size(request.output_size, request.spacing_mm, limit=limit)
 
 
 class SleepGenerator:
@@ -299,66 +329,186 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoo
         Exception: anything else (a bug, a lost device, storage down) propagates unrecorded too; a
             re-run retries the case.
     """
+    (result,) = run_cases([request], generator, root=root, code_version=code_version, make_mask_fn=make_mask_fn,
+                          cpu_threads=cpu_threads)
+    if isinstance(result, CaseInputError):
+        raise result
+    return result
+
+
+AUTO_BATCH_LIMIT = 8  # the most cases ``generation_batch: auto`` puts together (maisi_core.engine.batching)
+
+
+@dataclass
+class _Attempts:
+    """Where one case of :func:`run_cases` stands: its next attempt, why earlier ones failed, its own time."""
+
+    request: CaseRequest
+    attempt: int
+    reasons: list[str] = field(default_factory=list)
+    last_failures: tuple[str, ...] = ()
+    last_qc: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0  # this case's own seconds: its masks, QC and writes, its share of each batch
+    batch_size: int = 1
+
+    @property
+    def last_attempt(self) -> int:
+        return self.request.first_attempt + self.request.qc.max_retries
+
+
+def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root: DatasetRoot,
+              code_version: str = "", make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask,
+              cpu_threads: int | None = None, batch_size: int | str = 1) -> list[SampleRecord | CaseInputError]:
+    """:func:`run_case` for several cases at once, generating those of one size and spacing together.
+
+    The cases go through their attempts in rounds: each round makes every pending case's mask for its
+    next attempt seed, generates the volumes in batches (``batch_size`` cases, or ``"auto"``: as many as
+    the generator says fit, at most :data:`AUTO_BATCH_LIMIT`; generators without ``generate_batch`` make
+    one at a time), then checks and writes each case alone. A case's seeds, masks, QC, retries and record
+    are those :func:`run_case` gives it; the record adds ``generation_batch``.
+
+    Returns:
+        One result per request, in order: its record, or the :class:`CaseInputError` of an unusable
+        input (nothing recorded for it; the other cases go on).
+    """
     from maisi_core.errors import MaisiError, MaskSourceError
+
+    cases = [_Attempts(r, r.first_attempt) for r in requests]
+    results: list[SampleRecord | CaseInputError | None] = [None] * len(cases)
+    while any(r is None for r in results):
+        ready: list[tuple[int, Any, int, float]] = []  # (case, mask, seed, mask seconds)
+        for i, case in enumerate(cases):
+            if results[i] is not None:
+                continue
+            if case.attempt > case.last_attempt:
+                results[i] = _failed_record(case, generator, code_version=code_version, cpu_threads=cpu_threads)
+                continue
+            seed = attempt_seed(case.request.seed, case.attempt)
+            t0 = time.perf_counter()
+            try:
+                mask = make_mask_fn(case.request, seed)
+            except MaskSourceError as exc:  # another seed may place the mask or tumour
+                case.reasons.append(f"attempt {case.attempt}: mask: {exc}")
+                case.attempt += 1
+                continue
+            except MaisiError as exc:  # an unusable input file or map: every attempt would fail the same way
+                results[i] = CaseInputError(f"{case.request.sample_id}: mask: {exc}")
+                continue
+            finally:
+                case.elapsed += time.perf_counter() - t0
+            ready.append((i, mask, seed, time.perf_counter() - t0))
+        by_case = {i: (mask, seed, mask_s) for i, mask, seed, mask_s in ready}
+        for i, volume, generate_s in _generate(generator, [(i, cases[i].request, m, s) for i, m, s, _ in ready],
+                                               batch_size):
+            case = cases[i]
+            case.elapsed += generate_s
+            if isinstance(volume, CaseInputError):
+                results[i] = volume
+                continue
+            mask, seed, mask_s = by_case[i]
+            results[i] = _check_and_write(case, generator, mask, volume, seed=seed, root=root,
+                                          timings={"mask": mask_s, "generate": generate_s},
+                                          code_version=code_version, cpu_threads=cpu_threads)
+    return [r for r in results if r is not None]
+
+
+def _generate(generator: CaseGenerator, items: list[tuple[int, CaseRequest, Any, int]], batch_size: int | str
+              ) -> Iterator[tuple[int, GeneratedVolume | CaseInputError, float]]:
+    """Yield (case, volume or the input's error, seconds) for each item, in batches of one size and spacing."""
+    from maisi_core.errors import MaisiError
+
+    groups: dict[tuple, list[tuple[int, CaseRequest, Any, int]]] = {}
+    for item in items:
+        request = item[1]
+        groups.setdefault((request.model_ref, request.output_size, request.spacing_mm,
+                           request.num_inference_steps), []).append(item)
+    for group in groups.values():
+        size = _batch_size(generator, group[0][1], batch_size, len(group))
+        for start in range(0, len(group), size):
+            chunk = group[start:start + size]
+            t0 = time.perf_counter()
+            try:
+                if len(chunk) == 1:
+                    _, request, mask, seed = chunk[0]
+                    volumes = [generator.generate(request, mask, seed=seed)]
+                else:
+                    volumes = generator.generate_batch([c[1] for c in chunk], [c[2] for c in chunk],  # type: ignore[attr-defined]
+                                                       [c[3] for c in chunk])
+            except MaisiError as exc:  # the model refused a mask (labels, geometry): an input, not a case failure
+                if len(chunk) == 1:
+                    yield chunk[0][0], CaseInputError(f"{chunk[0][1].sample_id}: generate: {exc}"), 0.0
+                    continue
+                yield from _generate(generator, chunk, 1)  # one at a time, to find which case it is
+                continue
+            share = (time.perf_counter() - t0) / len(chunk)
+            for (i, *_), volume in zip(chunk, volumes, strict=True):
+                yield i, volume, share
+
+
+def _batch_size(generator: CaseGenerator, request: CaseRequest, batch_size: int | str, n: int) -> int:
+    """Cases per batch for a group of ``n``: the runtime's number or the generator's suggestion for ``auto``."""
+    if n == 1 or not hasattr(generator, "generate_batch"):
+        return 1
+    if batch_size == "auto":
+        suggest = getattr(generator, "suggest_batch_size", None)
+        return 1 if suggest is None else max(1, min(n, int(suggest(request, limit=min(n, AUTO_BATCH_LIMIT)))))
+    return max(1, min(n, int(batch_size)))
+
+
+def _check_and_write(case: _Attempts, generator: CaseGenerator, mask: Any, volume: GeneratedVolume, *, seed: int,
+                     root: DatasetRoot, timings: dict[str, float], code_version: str, cpu_threads: int | None
+                     ) -> SampleRecord | None:
+    """QC one attempt's volume and write it; its record when it passes, None (and the next attempt) when not."""
     from maisi_core.io import save_image, save_label
     from maisi_core.evaluation.qc import check_case, check_written_geometry
 
-    t_start = time.perf_counter()
-    reasons: list[str] = []
-    last_failures: tuple[str, ...] = ()
-    last_qc: dict[str, Any] = {}
-    first = request.first_attempt
-    for attempt in range(first, first + request.qc.max_retries + 1):
-        seed = attempt_seed(request.seed, attempt)
-        t0 = time.perf_counter()
-        try:
-            mask = make_mask_fn(request, seed)
-        except MaskSourceError as exc:  # another seed may place the mask or tumour
-            reasons.append(f"attempt {attempt}: mask: {exc}")
-            continue
-        except MaisiError as exc:  # an unusable input file or map: every attempt would fail the same way
-            raise CaseInputError(f"{request.sample_id}: mask: {exc}") from None
-        t1 = time.perf_counter()
-        try:
-            volume = generator.generate(request, mask, seed=seed)
-        except MaisiError as exc:  # the model refused this mask (labels, geometry): an input, not a case failure
-            raise CaseInputError(f"{request.sample_id}: generate: {exc}") from None
-        t2 = time.perf_counter()
-        qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
-                        **qc_options(request, mask))
-        t3 = time.perf_counter()
-        last_failures, last_qc = tuple(f.message for f in qc.failures), _qc_fields(qc, request.tumor_label)
-        if not qc.passed:
-            reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
-            continue
-        image_uri, label_uri = root.resolve(request.image_uri), root.resolve(request.label_uri)
-        image, _ = publish_volume(save_image, image_uri, volume.image_hu, volume.affine, root=root)
-        label, _ = publish_volume(save_label, label_uri, volume.label_map, volume.affine, root=root)
-        written = check_written_geometry(written_header(image_uri, root), written_header(label_uri, root),
-                                         shape=request.output_size,
-                                         affine=mask.affine, spacing_mm=request.spacing_mm)
-        if written:
-            unpublish([image_uri, label_uri], root)
-            last_failures = tuple(f.message for f in written)
-            reasons.append(f"attempt {attempt}: qc: " + "; ".join(last_failures))
-            continue
-        t4 = time.perf_counter()
-        timings = {"mask": t1 - t0, "generate": t2 - t1, "qc": t3 - t2, "write": t4 - t3,
-                   **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": t4 - t_start}
-        placed = [t.diameter_mm for t in mask.tumors if t.label == request.tumor_label]
-        return _record(request, generator, seed=seed, attempt=attempt, code_version=code_version, status="passed",
-                       cpu_threads=cpu_threads,
-                       qc_pass=True, tumor_size_mm=float(placed[0]) if placed else None,
-                       mask_source=mask.mask_source, mask_id=mask.mask_id,
-                       image_uri=request.image_uri, label_uri=request.label_uri,
-                       image_sha256=image.sha256, label_sha256=label.sha256,
-                       image_bytes=image.n_bytes, label_bytes=label.n_bytes,
-                       timings_s=timings, **last_qc)
-    attempts = first + request.qc.max_retries
-    logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1 - first,
-                reasons[-1] if reasons else "")
+    request, attempt = case.request, case.attempt
+    case.batch_size = volume.batch_size
+    t2 = time.perf_counter()
+    qc = check_case(volume.image_hu, volume.label_map, affine=volume.affine, label_affine=mask.affine,
+                    **qc_options(request, mask))
+    t3 = time.perf_counter()
+    case.last_failures, case.last_qc = tuple(f.message for f in qc.failures), _qc_fields(qc, request.tumor_label)
+    if not qc.passed:
+        case.reasons.append(f"attempt {attempt}: qc: {qc.summary()}")
+        case.attempt += 1
+        case.elapsed += t3 - t2
+        return None
+    image_uri, label_uri = root.resolve(request.image_uri), root.resolve(request.label_uri)
+    image, _ = publish_volume(save_image, image_uri, volume.image_hu, volume.affine, root=root)
+    label, _ = publish_volume(save_label, label_uri, volume.label_map, volume.affine, root=root)
+    written = check_written_geometry(written_header(image_uri, root), written_header(label_uri, root),
+                                     shape=request.output_size,
+                                     affine=mask.affine, spacing_mm=request.spacing_mm)
+    t4 = time.perf_counter()
+    case.elapsed += t4 - t2
+    if written:
+        unpublish([image_uri, label_uri], root)
+        case.last_failures = tuple(f.message for f in written)
+        case.reasons.append(f"attempt {attempt}: qc: " + "; ".join(case.last_failures))
+        case.attempt += 1
+        return None
+    timings = {**timings, "qc": t3 - t2, "write": t4 - t3,
+               **{f"generate_{k}": v for k, v in volume.timings_s.items()}, "case_total": case.elapsed}
+    placed = [t.diameter_mm for t in mask.tumors if t.label == request.tumor_label]
+    return _record(request, generator, seed=seed, attempt=attempt, code_version=code_version, status="passed",
+                   cpu_threads=cpu_threads, generation_batch=volume.batch_size,
+                   qc_pass=True, tumor_size_mm=float(placed[0]) if placed else None,
+                   mask_source=mask.mask_source, mask_id=mask.mask_id,
+                   image_uri=request.image_uri, label_uri=request.label_uri,
+                   image_sha256=image.sha256, label_sha256=label.sha256,
+                   image_bytes=image.n_bytes, label_bytes=label.n_bytes,
+                   timings_s=timings, **case.last_qc)
+
+
+def _failed_record(case: _Attempts, generator: CaseGenerator, *, code_version: str, cpu_threads: int | None
+                   ) -> SampleRecord:
+    """The record of a case whose every attempt failed (nothing written)."""
+    request, attempts = case.request, case.last_attempt
+    logger.info("case %s failed after %d attempts: %s", request.sample_id, attempts + 1 - request.first_attempt,
+                case.reasons[-1] if case.reasons else "")
     return _record(request, generator, seed=attempt_seed(request.seed, attempts), attempt=attempts,
                    code_version=code_version, status="failed", qc_pass=False, cpu_threads=cpu_threads,
-                   mask_source=request.mask_source.type, qc_failures=last_failures,
-                   failure_reason=" | ".join(reasons)[:4000], **last_qc,
-                   timings_s={"case_total": time.perf_counter() - t_start})
+                   generation_batch=case.batch_size, mask_source=request.mask_source.type,
+                   qc_failures=case.last_failures, failure_reason=" | ".join(case.reasons)[:4000], **case.last_qc,
+                   timings_s={"case_total": case.elapsed})

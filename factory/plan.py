@@ -15,6 +15,8 @@ anything touches a GPU; every problem is reported at once with its place in the 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,3 +313,32 @@ def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [cols, *rows]]
     return head + "\n".join(lines) + "\n"
+
+
+def cases_per_task(generation_batch: int | str, *, device: str) -> int:
+    """The most cases one generation task takes: ``runtime.generation_batch``, or for ``auto`` 1 on a CPU and
+    :data:`factory.case.AUTO_BATCH_LIMIT` on CUDA (the task's generator then batches as many as fit)."""
+    from factory.case import AUTO_BATCH_LIMIT
+
+    if generation_batch == "auto":
+        return AUTO_BATCH_LIMIT if device.startswith("cuda") else 1
+    return int(generation_batch)
+
+
+def batch_cases(cases: Sequence[CaseRequest], per_task: int, *, slots: int | None = None) -> list[list[CaseRequest]]:
+    """Split cases into tasks of at most ``per_task`` that share model, size, spacing and steps, in plan order.
+
+    With ``slots`` (tasks the runner runs at once), a group is spread over at least that many tasks when
+    it has the cases, so a few large batches never leave workers idle: 8 cases on 4 GPUs make 4 tasks of 2.
+    """
+    if per_task < 1:
+        raise FactoryError(f"batch_cases expects per_task >= 1, but got per_task={per_task}.")
+    groups: dict[tuple, list[CaseRequest]] = {}
+    for case in cases:
+        groups.setdefault((case.model_ref, case.output_size, case.spacing_mm, case.num_inference_steps),
+                          []).append(case)
+    tasks = []
+    for group in groups.values():
+        size = per_task if not slots else max(1, min(per_task, math.ceil(len(group) / slots)))
+        tasks += [group[i:i + size] for i in range(0, len(group), size)]
+    return tasks

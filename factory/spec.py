@@ -24,7 +24,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BeforeValidator, Field, PrivateAttr, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from factory.errors import SpecError
 from factory.spec_cohort import (
@@ -106,10 +107,29 @@ class Runtime(StrictModel):
     decode_preset: DecodePresetName | None = None
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
         "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")
+    generation_batch: Annotated[int | str, WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 64}, {"const": "auto"}]})] = Field(
+        "auto", description="cases of one cohort (same model, size, spacing and steps) denoised together: 'auto' "
+                            "(from the GPU's free memory, at most 8; 1 on a CPU) or a number; recorded per sample. "
+                            "On CUDA another batch may change the last bits of a volume: pin a number to reproduce "
+                            "a dataset bit for bit")
+    concurrency_limit: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
+        description="name of a Prefect global concurrency limit that every generation task holds one slot of while "
+                    "it runs (create it with 'prefect gcl create NAME --limit N'): caps the cases on the GPU(s) "
+                    "across every run that names it; the limit must exist on the Prefect API the run uses")
     generator: str = Field("maisi", max_length=200,
                            description="case generator from a closed registry: 'maisi', 'sleep:SECONDS' "
                                        "(benchmark stub) or a name an installed package registers in the "
                                        "'ctfactory.generators' entry-point group; never a code path")
+
+    @field_validator("generation_batch", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+            return value
+        raise ValueError(f"Runtime expects generation_batch 'auto' or a whole number from 1 to 64, but got "
+                         f"generation_batch={value!r}.")
 
     @field_validator("generator")
     @classmethod
@@ -186,7 +206,13 @@ class DatasetSpec(StrictModel):
     def with_runtime(self, *, output_root: str | None = None, **runtime: Any) -> DatasetSpec:
         """Return a copy with ``output_root`` and runtime fields replaced (None values are ignored)."""
         rt = self.runtime.model_copy(update={k: v for k, v in runtime.items() if v is not None})
-        Runtime.model_validate(rt.model_dump())
+        try:
+            Runtime.model_validate(rt.model_dump())
+        except ValidationError as exc:  # a command-line override: the same messages as in a spec file
+            names = _field_names()
+            where = SourceMap("command line")
+            raise SpecError([issue_from_pydantic({**e, "loc": ("runtime", *e["loc"])}, where, names)
+                             for e in exc.errors()]) from None
         update: dict[str, Any] = {"runtime": rt}
         if output_root is not None:
             update["output_root"] = output_root

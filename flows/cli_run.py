@@ -40,6 +40,16 @@ def _bad(command: str, exc: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
+def _generation_batch(text: str) -> int | str:
+    """``--generation-batch``: ``auto`` or a whole number (the spec's rules check its range)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects 'auto' or a whole number, but got {text!r}") from None
+
+
 def _public_options(args: argparse.Namespace, *, command: str) -> dict[str, str]:
     """The storage options a flow may take as parameters; credentials go by reference (``flows.secrets``).
 
@@ -147,7 +157,7 @@ def run_run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec).with_runtime(
             device=args.device, dask_address=args.dask_address, dask_local_workers=args.dask_local,
             batch_size=args.batch_size, max_workers=args.max_workers, precision=args.precision,
-            threads=args.threads)
+            threads=args.threads, generation_batch=args.generation_batch, concurrency_limit=args.concurrency_limit)
         from factory.plan import plan_dataset
         from factory.preflight import check_machine, preflight
 
@@ -182,7 +192,11 @@ def run_run(args: argparse.Namespace) -> int:
         progress.close()
         _drain_prefect()
         print(f"ctfactory run: {_cause(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, CasesCrashedError) and exc.only_inputs else EXIT_FAILED_CASES
+        from flows.errors import ConcurrencyLimitError
+
+        if isinstance(exc, ConcurrencyLimitError) or (isinstance(exc, CasesCrashedError) and exc.only_inputs):
+            return EXIT_BAD_INPUT
+        return EXIT_FAILED_CASES
     finally:
         progress.close()
     _drain_prefect()
@@ -366,6 +380,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--dask-local", type=int, metavar="N", help="run cases on a temporary local Dask cluster")
     run.add_argument("--batch-size", type=int, metavar="N", help="records per catalog commit")
     run.add_argument("--max-workers", type=int, metavar="N", help="concurrent cases on CPU")
+    run.add_argument("--generation-batch", type=_generation_batch, metavar="N|auto",
+                     help="cases of one cohort denoised together (overrides runtime.generation_batch; auto: from "
+                          "free GPU memory, 1 on a CPU)")
+    run.add_argument("--concurrency-limit", metavar="NAME",
+                     help="Prefect global concurrency limit every generation task holds a slot of (overrides "
+                          "runtime.concurrency_limit; create it with: prefect gcl create NAME --limit N)")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch CPU threads per worker process (overrides runtime.threads; default: the cores "
                           "shared by the concurrent cases, at most 8; use 1 on a box busy with other work)")

@@ -7,3 +7,7 @@ from factory.errors import FactoryError
 
 class DeploymentError(FactoryError, RuntimeError):
     """Raised when serving or submitting a deployment fails (no server, unknown deployment)."""
+
+
+class ConcurrencyLimitError(FactoryError, ValueError):
+    """Raised when ``runtime.concurrency_limit`` names a limit the Prefect API does not have."""

@@ -3,7 +3,10 @@
 The flow body reads like the architecture picture; each task is one call into the application layer
 (:mod:`factory.case`, :mod:`factory.dataset`) with a :class:`catalog.root.DatasetRoot`. Cases go to the
 task runner chosen by :func:`flows.runtime.build_task_runner` (threads, or Dask workers); a case task
-gets a :class:`CaseRequest` and returns a :class:`SampleRecord`, never arrays. Records are committed to
+gets a few :class:`CaseRequest` of one cohort (``runtime.generation_batch``, :func:`factory.plan.batch_cases`),
+denoises them together and returns their :class:`SampleRecord`, never arrays. With
+``runtime.concurrency_limit`` each case task holds a slot of that Prefect global concurrency limit, which
+caps the cases on the GPUs across runs. Records are committed to
 the catalog every ``runtime.batch_size`` results, so a crash loses at most the batch in flight; a
 re-run skips every committed case (passed or failed) and regenerates the rest with the same seeds; a
 re-run that commits nothing reuses the metrics of the dataset row already recorded for that catalog
@@ -16,6 +19,7 @@ The flow's parameters hold only public storage options; each task adds this proc
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,12 +32,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from catalog.schema import SampleRecord
 from catalog.root import DatasetRoot
 from factory import dataset
-from factory.case import get_generator, run_case
+from factory.case import get_generator, run_cases
 from factory.errors import CaseInputError, CasesCrashedError
-from factory.plan import CaseRequest, plan_dataset
+from flows.errors import ConcurrencyLimitError
+from factory.plan import CaseRequest, batch_cases, cases_per_task, plan_dataset
 from factory.preflight import preflight
-from factory.machine import current_code_version, resolved_threads, set_cpu_threads
-from flows.runtime import build_task_runner, flow_run_settings, notify
+from factory.machine import current_code_version, resolved_device, resolved_threads, set_cpu_threads
+from flows.runtime import RunnerChoice, build_task_runner, flow_run_settings, notify
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from factory.spec import DatasetSpec, validate_spec
 
@@ -44,22 +49,59 @@ def _with_credentials(root: DatasetRoot) -> DatasetRoot:
     return root.with_storage_options(resolve_storage_options(root.storage_options))
 
 
-@task(name="generate-case", cache_policy=NO_CACHE, persist_result=False)
-def generate_case(request: CaseRequest, *, root: DatasetRoot, generator: str, device: str, decode_preset: str | None, code_version: str,
-                  precision: str = "auto", threads: int | None = None) -> SampleRecord | CaseInputError:
-    """Generate, check and write one case (the model is loaded once per worker process).
+@task(name="generate-cases", cache_policy=NO_CACHE, persist_result=False)
+def generate_cases(requests: list[CaseRequest], *, root: DatasetRoot, generator: str, device: str,
+                   decode_preset: str | None, code_version: str, precision: str = "auto", threads: int | None = None,
+                   generation_batch: int | str = 1, concurrency_limit: str | None = None
+                   ) -> list[SampleRecord | CaseInputError]:
+    """Generate, check and write a few cases of one cohort, denoising them together (:func:`factory.case.run_cases`).
 
-    Returns the record, or the :class:`CaseInputError` when the case's input is unusable (nothing
-    recorded; the flow reports it).
+    The model is loaded once per worker process. With ``concurrency_limit`` the cases run while holding
+    one slot of that Prefect global concurrency limit (a GPU slot shared by every run that names it).
+
+    Returns:
+        One result per request: its record, or the :class:`CaseInputError` when its input is unusable
+        (nothing recorded; the flow reports it).
     """
     root = _with_credentials(root)
     if threads is not None:
         set_cpu_threads(threads)
-    gen = get_generator(generator, request.model_ref, device, decode_preset, precision)
-    try:
-        return run_case(request, gen, root=root, code_version=code_version, cpu_threads=threads)
-    except CaseInputError as exc:  # returned, not raised: an input problem is not a task crash to log
-        return exc
+    gen = get_generator(generator, requests[0].model_ref, device, decode_preset, precision)
+    with _slot(concurrency_limit):
+        return run_cases(requests, gen, root=root, code_version=code_version, cpu_threads=threads,
+                         batch_size=generation_batch)
+
+
+def check_concurrency_limit(name: str) -> None:
+    """Raise :class:`ConcurrencyLimitError` unless the Prefect API has a global concurrency limit ``name``.
+
+    Checked once before the fan-out, so a mistyped name fails the run at once, not every case.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            api = PREFECT_API_URL.value() or "the ephemeral API"
+            raise ConcurrencyLimitError(
+                f"runtime.concurrency_limit expects a global concurrency limit that exists on the Prefect API, but "
+                f"got concurrency_limit={name!r}, which {api} does not have. Create it with: prefect gcl create "
+                f"{name} --limit N (N: cases at once on the GPUs it guards)") from None
+    if not limit.active:
+        get_run_logger().warning("concurrency limit %r is inactive: it does not limit anything", name)
+
+
+def _slot(limit: str | None) -> contextlib.AbstractContextManager[Any]:
+    """One slot of the named Prefect global concurrency limit (it must exist), or nothing without a name."""
+    if limit is None:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    # a case can hold the GPU for minutes: a lease renewal that fails once must not end it
+    return concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False)
 
 
 @task(name="find-committed", cache_policy=NO_CACHE, persist_result=False)
@@ -124,23 +166,25 @@ def publish_card(root: DatasetRoot) -> str:
 
 
 def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot, version: str,
-                  gpu_resources: bool) -> dict[PrefectFuture, CaseRequest]:
-    import contextlib
-
+                  choice: RunnerChoice) -> dict[PrefectFuture, list[CaseRequest]]:
+    """Submit one ``generate-cases`` task per batch of cases (:func:`factory.plan.batch_cases`)."""
     rt = spec.runtime
     threads = resolved_threads(rt)
     annotate = contextlib.nullcontext()
-    if gpu_resources:
+    if choice.gpu_resources:
         import dask
 
         annotate = dask.annotate(resources={"GPU": 1})
+    per_task = cases_per_task(rt.generation_batch, device=resolved_device(rt.device))
     with annotate:
-        return {generate_case.submit(c, root=root, generator=rt.generator, device=rt.device, decode_preset=rt.decode_preset,
-                                     precision=rt.precision, code_version=version, threads=threads): c
-                for c in cases}
+        return {generate_cases.submit(batch, root=root, generator=rt.generator, device=rt.device,
+                                      decode_preset=rt.decode_preset, precision=rt.precision, code_version=version,
+                                      threads=threads, generation_batch=rt.generation_batch,
+                                      concurrency_limit=rt.concurrency_limit): batch
+                for batch in batch_cases(cases, per_task, slots=choice.slots)}
 
 
-def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size: int, root: DatasetRoot,
+def _collect_and_commit(futures: dict[PrefectFuture, list[CaseRequest]], *, batch_size: int, root: DatasetRoot,
                         metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()
                         ) -> tuple[list[SampleRecord], list[str], int]:
     """Commit records every ``batch_size`` results as they complete.
@@ -164,23 +208,25 @@ def _collect_and_commit(futures: dict[PrefectFuture, CaseRequest], *, batch_size
             batch.clear()
 
     for future in as_completed(list(futures)):
-        request = futures[future]
+        requests = futures[future]
         try:
-            record = future.result()
-        except Exception as exc:  # a crashed case is not recorded: a re-run retries it
-            crashed.append(f"{request.sample_id}: {type(exc).__name__}: {exc}")
-            notify("case", sample_id=request.sample_id, status="crashed", reason=f"{type(exc).__name__}: {exc}")
+            results = future.result()
+        except Exception as exc:  # crashed cases are not recorded: a re-run retries them
+            for request in requests:
+                crashed.append(f"{request.sample_id}: {type(exc).__name__}: {exc}")
+                notify("case", sample_id=request.sample_id, status="crashed", reason=f"{type(exc).__name__}: {exc}")
             continue
-        if isinstance(record, CaseInputError):  # an unusable input is not the case's failure: not recorded
-            inputs += 1
-            crashed.append(str(record))
-            notify("case", sample_id=request.sample_id, status="crashed", reason=str(record))
-            continue
-        records.append(record)
-        batch.append(record)
-        notify("case", sample_id=record.sample_id, status=record.status, reason=record.failure_reason)
-        if len(batch) >= batch_size:
-            flush()
+        for request, record in zip(requests, results, strict=True):
+            if isinstance(record, CaseInputError):  # an unusable input is not the case's failure: not recorded
+                inputs += 1
+                crashed.append(str(record))
+                notify("case", sample_id=request.sample_id, status="crashed", reason=str(record))
+                continue
+            records.append(record)
+            batch.append(record)
+            notify("case", sample_id=record.sample_id, status=record.status, reason=record.failure_reason)
+            if len(batch) >= batch_size:
+                flush()
     flush()
     return records, crashed, inputs
 
@@ -202,7 +248,7 @@ def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, root: Da
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
 def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_options: dict[str, str] | None = None,
                      code_version: str | None = None, gpu_resources: bool = False,
-                     retry_failed: bool = False) -> dict[str, Any]:
+                     retry_failed: bool = False, parallel_slots: int | None = None) -> dict[str, Any]:
     """Generate (or complete) the dataset a spec describes and return its dataset summary.
 
     Args:
@@ -211,6 +257,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
         storage_options: deltalake-style ``AWS_*`` options for remote roots (see :mod:`factory.storage`).
         code_version: code version recorded on every row (computed here when None).
         gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
+        parallel_slots: how many case tasks the task runner runs at once (None: unknown); ``auto``
+            generation batches are sized so that every slot gets work.
         retry_failed: generate the recorded failures again, on the attempt seeds after their last one, and
             replace their rows (``ctfactory run --retry-failed``).
     """
@@ -222,6 +270,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     version = code_version or current_code_version()
     plan = plan_dataset(spec)
     preflight(spec, output_root=root.uri, storage_options=storage_options, load_model=False)
+    if spec.runtime.concurrency_limit:
+        check_concurrency_limit(spec.runtime.concurrency_limit)
     done = find_committed(root, plan.spec_id)
     failed = find_failed(root, plan.spec_id) if retry_failed else {}
     todo = [c.model_copy(update={"first_attempt": failed[c.sample_id] + 1}) if c.sample_id in failed else c
@@ -230,7 +280,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
                 len(plan.cases) - len(todo), len(todo))
     t_generate = time.perf_counter()
-    futures = _submit_cases(todo, spec, root, version, gpu_resources)
+    futures = _submit_cases(todo, spec, root, version, RunnerChoice(None, gpu_resources, "", parallel_slots))
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, root=root,
                                                    metadata=meta, retried=frozenset(failed))
@@ -264,4 +314,4 @@ def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
     with flow_run_settings():
         return configured(spec, output_root=output_root, storage_options=dict(storage_options or {}) or None,
                           code_version=current_code_version(), gpu_resources=choice.gpu_resources,
-                          retry_failed=retry_failed)
+                          retry_failed=retry_failed, parallel_slots=choice.slots)

@@ -21,11 +21,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunnerChoice:
-    """The task runner and whether generation tasks need the ``GPU`` Dask resource annotation."""
+    """The task runner, whether generation tasks need the ``GPU`` Dask resource annotation, and its slots.
+
+    ``slots`` is how many generation tasks run at once (None when unknown: an existing Dask cluster).
+    """
 
     runner: Any
     gpu_resources: bool
     description: str
+    slots: int | None = None
 
 
 def build_task_runner(runtime: Runtime) -> RunnerChoice:
@@ -42,20 +46,20 @@ def build_task_runner(runtime: Runtime) -> RunnerChoice:
     if runtime.dask_address:
         from prefect_dask import DaskTaskRunner
 
-        return RunnerChoice(DaskTaskRunner(address=runtime.dask_address), False, f"dask {runtime.dask_address}")
+        return RunnerChoice(DaskTaskRunner(address=runtime.dask_address), False, f"dask {runtime.dask_address}", None)
     if runtime.dask_local_workers:
         from prefect_dask import DaskTaskRunner
 
         if device.startswith("cuda") and _has_dask_cuda():
             kwargs = {"resources": {"GPU": runtime.gpu_slots}, "threads_per_worker": runtime.gpu_slots}
             return RunnerChoice(DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs),
-                                True, "dask LocalCUDACluster (one worker per GPU)")
+                                True, "dask LocalCUDACluster (one worker per GPU)", max(1, cuda_device_count()))
         kwargs = {"n_workers": runtime.dask_local_workers, "threads_per_worker": 1, "processes": True,
                   "dashboard_address": None, "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
         return RunnerChoice(DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), False,
-                            f"dask LocalCluster ({runtime.dask_local_workers} workers)")
+                            f"dask LocalCluster ({runtime.dask_local_workers} workers)", runtime.dask_local_workers)
     slots = runtime.gpu_slots * max(1, cuda_device_count()) if device.startswith("cuda") else runtime.max_workers
-    return RunnerChoice(ThreadPoolTaskRunner(max_workers=slots), False, f"threads ({slots})")
+    return RunnerChoice(ThreadPoolTaskRunner(max_workers=slots), False, f"threads ({slots})", slots)
 
 
 @contextmanager

@@ -169,10 +169,11 @@ def test_v4_table_reads_organ_hu_median_as_organ_median(tmp_path):
         row = make_record(i).to_row()
         row["organ_hu_median"] = row.pop("organ_median")
         row.pop("modality")
+        row.pop("generation_batch")
         return {**row, "schema_version": 4}
 
     fields = [SAMPLES_SCHEMA.field("organ_median").with_name("organ_hu_median") if f.name == "organ_median" else f
-              for f in SAMPLES_SCHEMA if f.name != "modality"]
+              for f in SAMPLES_SCHEMA if f.name not in ("modality", "generation_batch")]
     uri = tmp_path / "catalog" / "samples"
     write_deltalake(str(uri), pa.Table.from_pylist([v4_row(i) for i in range(3)], schema=pa.schema(fields)))
     cat = open_catalog(tmp_path)
@@ -187,6 +188,7 @@ def test_v4_table_reads_organ_hu_median_as_organ_median(tmp_path):
     assert set(rows) == {f"case_000{i}" for i in range(4)}
     assert all(dict(r["organ_median"])["spleen"] == 45.0 for r in rows.values())
     assert rows["case_0003"]["modality"] == rows["case_0000"]["modality"] == "CT"  # every row before v5 was CT
+    assert rows["case_0000"]["generation_batch"] == 1  # and every case before v6 was denoised alone
     sql = cat.sql("SELECT sample_id, organ_median['liver'] AS liver FROM samples ORDER BY sample_id")
     assert sql["liver"].to_pylist() == [60.0, 61.0, 62.0, 63.0] and "organ_hu_median" not in sql.column_names
     assert "organ_hu_median" not in cat.sql("SELECT * FROM samples LIMIT 1").column_names

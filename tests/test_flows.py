@@ -12,7 +12,7 @@ from catalog.root import DatasetRoot
 from catalog.store import open_catalog
 from catalog.verify import verify_catalog
 from factory.case import SleepGenerator, get_generator, run_case
-from flows.generate import commit_records, find_committed, generate_case, run_generate
+from flows.generate import commit_records, find_committed, generate_cases, run_generate
 from factory.plan import plan_dataset
 
 torch.set_num_threads(1)
@@ -101,8 +101,8 @@ def test_get_generator_rejects_unknown():
 
 def test_tasks_fn_generate_and_commit(tmp_path):
     plan = plan_dataset(_spec(tmp_path))
-    record = generate_case.fn(plan.cases[1], root=DatasetRoot.of(tmp_path), generator="sleep:0",
-                              device="cpu", decode_preset=None, code_version="t")
+    (record,) = generate_cases.fn([plan.cases[1]], root=DatasetRoot.of(tmp_path), generator="sleep:0",
+                                  device="cpu", decode_preset=None, code_version="t")
     assert record.status == "passed" and record.model_name == "sleep:0"
     assert commit_records.fn([record], root=DatasetRoot.of(tmp_path), metadata={"x": 1}) == 0
     assert find_committed.fn(DatasetRoot.of(tmp_path), plan.spec_id) == {record.sample_id}
@@ -182,8 +182,8 @@ def test_flow_resume_after_the_last_commit_still_validates_and_records(prefect_b
     """A run that crashed after committing every case but before its dataset row: the re-run completes it."""
     spec = _spec(tmp_path / "ds", runtime='{batch_size: 1, generator: "sleep:0"}')
     root = str(tmp_path / "ds")
-    records = [generate_case.fn(c, root=DatasetRoot.of(root), generator="sleep:0", device="cpu",
-                                decode_preset=None, code_version="t") for c in plan_dataset(spec).cases]
+    records = generate_cases.fn(plan_dataset(spec).cases, root=DatasetRoot.of(root), generator="sleep:0",
+                                device="cpu", decode_preset=None, code_version="t")
     commit_records.fn(records, root=DatasetRoot.of(root), metadata={})
     summary = run_generate(spec)
     assert (summary["generated"], summary["skipped"], summary["n_passed"]) == (0, 2, 2)

@@ -98,7 +98,9 @@ class GenerationOutput:
         label_map: (X, Y, Z) label map used as the condition (None on the image-only path).
         affine: (4, 4) RAS affine of both arrays.
         spacing_mm: voxel spacing.
-        timings_s: seconds per stage (``denoise``, ``decode``, ``total``...).
+        timings_s: seconds per stage (``denoise``, ``decode``, ``total``...); in a batch, the shared stages
+            are this case's share and ``denoise_batch`` is the whole loop.
+        batch_size: how many cases were denoised together with this one (itself included).
     """
 
     image: np.ndarray
@@ -109,16 +111,29 @@ class GenerationOutput:
     seed: int | None
     num_inference_steps: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Tensors the UNet and ControlNet take besides the latent (batch of one)."""
+    """Tensors the UNet and ControlNet take besides the latent, one row per case."""
 
     spacing: torch.Tensor
     class_labels: torch.Tensor | None
     top_region: torch.Tensor | None
     bottom_region: torch.Tensor | None
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """The cases' conditioning stacked along the batch dimension, in order."""
+        if len(items) == 1:
+            return items[0]
+
+        def stack(name: str) -> torch.Tensor | None:
+            values = [getattr(c, name) for c in items]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(*(stack(f.name) for f in dataclasses.fields(Conditioning)))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -148,11 +163,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def encode_labels_8bit(label_map: torch.Tensor) -> torch.Tensor:
     """Encode an integer label map (B, 1, X, Y, Z) as 8 binary channels (B, 8, X, Y, Z), bit k in channel k.
 
-    This is MAISI's ControlNet input encoding (not one-hot); IDs must lie in 0..255.
+    This is MAISI's ControlNet input encoding (not one-hot); IDs must lie in 0..255. The bits are made in
+    one byte a voxel and converted once: besides the float32 result (32 bytes a voxel, 4 GiB at 512^3),
+    8 bytes a voxel, where eight int64 planes and their concatenation took 128.
     """
-    ids = label_map.to(torch.int64)
-    bits = [((ids >> k) & 1) for k in range(8)]
-    return torch.cat(bits, dim=1).to(torch.float32)
+    shifts = torch.arange(8, dtype=torch.uint8, device=label_map.device).view(1, 8, 1, 1, 1)
+    return ((label_map.to(torch.uint8) >> shifts) & 1).to(torch.float32)
 
 
 class MaisiPipeline:
@@ -189,6 +205,8 @@ class MaisiPipeline:
         self.scale_factor = float(config.scale_factor if scale_factor is None else scale_factor)
         self.model_digest = model_digest
         self.decode_preset = decode_preset
+        self._case_memory: dict = {}  # output size -> batching.CaseMemory measured on this device
+        self._batch_caps: dict = {}  # output size -> the largest batch known to fit after an out-of-memory split
 
     # ------------------------------------------------------------------ construction
 
@@ -296,6 +314,77 @@ class MaisiPipeline:
                    guidance_scale=guidance_scale, callback=callback)
         return dataclasses.replace(out, seed=int(seed))
 
+    def generate_batch(
+        self,
+        label_maps: Sequence[np.ndarray],
+        *,
+        spacing_mm: Sequence[float],
+        seeds: Sequence[int],
+        num_inference_steps: int | None = None,
+        affines: Sequence[np.ndarray | None] | None = None,
+        modality: int | None = None,
+        guidance_scale: float = 0.0,
+        callback: StepCallback | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate one volume per label map, denoising them together; the same volumes as one at a time.
+
+        Each case draws its noise from its own generator seeded by its seed, exactly as :meth:`generate`
+        does, and the networks treat the cases of a batch independently, so on a CPU the voxels equal
+        those of batch 1 (``tests/test_batching.py``); on CUDA the kernels chosen for another batch size
+        may change the last bits. A batch that runs out of CUDA memory is split in halves (and the
+        size remembered, see :meth:`suggest_batch_size`).
+
+        Raises:
+            ConfigError: label maps of different sizes, or seeds and maps of different counts.
+        """
+        if len(seeds) != len(label_maps) or (affines is not None and len(affines) != len(label_maps)):
+            raise ConfigError(
+                f"MaisiPipeline.generate_batch expects one seed (and affine) per label map, but got "
+                f"{len(label_maps)} label maps, seeds={len(seeds)}"
+                f"{'' if affines is None else f', affines={len(affines)}'}."
+            )
+        spacing = tuple(float(s) for s in spacing_mm)
+        requests = [GenerationRequest(spacing_mm=spacing, label_map=lm, modality=modality,  # type: ignore[arg-type]
+                                      affine=None if affines is None else affines[i])
+                    for i, lm in enumerate(label_maps)]
+        return self._generate_split(requests, [int(s) for s in seeds], num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, callback=callback)
+
+    def _generate_split(self, requests: list[GenerationRequest], seeds: list[int], **kwargs) -> list[GenerationOutput]:
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        try:
+            outputs = self.run_batch(requests, generators=generators, **kwargs)
+        except torch.OutOfMemoryError:
+            if len(requests) == 1:
+                raise
+            half = len(requests) // 2
+            size = tuple(np.shape(requests[0].label_map)) if requests[0].label_map is not None else None
+            self._batch_caps[size] = min(self._batch_caps.get(size, half), half)
+            logger.warning("a batch of %d cases ran out of device memory; splitting it into %d and %d",
+                           len(requests), half, len(requests) - half)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return (self._generate_split(requests[:half], seeds[:half], **kwargs)
+                    + self._generate_split(requests[half:], seeds[half:], **kwargs))
+        return [dataclasses.replace(out, seed=seed) for out, seed in zip(outputs, seeds, strict=True)]
+
+    def suggest_batch_size(self, size_vox: Sequence[int], spacing_mm: Sequence[float], *, limit: int) -> int:
+        """How many cases of this size to denoise together: 1 on a CPU, the memory rule on CUDA (at most ``limit``).
+
+        On CUDA the per-case memory is measured once per size (:func:`maisi_core.engine.batching.measure_case_memory`)
+        and the free memory read at each call; a size that once ran out of memory keeps the smaller batch.
+        """
+        from maisi_core.engine import batching
+
+        if self.device.type != "cuda" or limit <= 1:
+            return 1
+        size = tuple(int(s) for s in size_vox)
+        if size not in self._case_memory:
+            self._case_memory[size] = batching.measure_case_memory(self, size, tuple(float(s) for s in spacing_mm))
+        n = batching.batch_size_for_memory(batching.available_cuda_bytes(self.device), self._case_memory[size],
+                                           limit=limit)
+        return min(n, self._batch_caps.get(size, n))
+
     @torch.no_grad()
     def __call__(
         self,
@@ -307,38 +396,81 @@ class MaisiPipeline:
         guidance_scale: float = 0.0,
         callback: StepCallback | None = None,
     ) -> GenerationOutput:
-        """Run the numbered steps for one request and return the volume in HU."""
+        """Run the numbered steps for one request and return the volume in HU (a batch of one)."""
+        return self.run_batch([request], generators=[generator], latents=None if latents is None else [latents],
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              callback=callback)[0]
+
+    @torch.no_grad()
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        generators: Sequence[torch.Generator | None],
+        latents: Sequence[torch.Tensor] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 0.0,
+        callback: StepCallback | None = None,
+    ) -> list[GenerationOutput]:
+        """Run the numbered steps for requests of one output size; denoise together, decode one by one.
+
+        Steps 1-5 run per request; their conditioning, noise and mask embeddings are stacked; step 6 runs
+        once for the batch; steps 7 and 8 run per case, so the decode preset bounds the peak as for one
+        case. Each output's ``timings_s`` has its own ``decode`` and ``postprocess``, its share of the
+        batch's ``prepare`` and ``denoise``, and ``denoise_batch``, the whole loop's time.
+        """
         t0 = time.perf_counter()
+        who = f"MaisiPipeline[{self.config.name}]"
         steps = int(num_inference_steps or self.config.scheduler.default_num_inference_steps)
-        size, spacing, label_map = self.check_inputs(request)  # the model's rules first, whatever the device
+        checked = [self.check_inputs(r) for r in requests]  # the model's rules first, whatever the device
         if self.device.type == "meta":
             raise DeviceError(
                 "MaisiPipeline expects real weights to generate, but got device='meta'. "
                 "Build with device='cpu' or 'cuda', or load weights with from_pretrained."
             )
-        control = self.prepare_control(label_map) if label_map is not None else None
-        cond = self.prepare_conditioning(spacing, label_map=label_map, body_region=request.body_region,
-                                         modality=request.modality)
+        sizes = sorted({size for size, _, _ in checked})
+        if len(sizes) != 1 or len({lm is None for _, _, lm in checked}) != 1:
+            raise ConfigError(
+                f"{who} expects a batch of one output size, all with label maps or all without, but got "
+                f"sizes={sizes}. Batch only cases that share size and spacing."
+            )
+        if len(generators) != len(requests) or (latents is not None and len(latents) != len(requests)):
+            raise ConfigError(
+                f"{who} expects one generator (and latent) per request, but got {len(requests)} requests and "
+                f"generators={len(generators)}."
+            )
+        size = sizes[0]
+        conds = [self.prepare_conditioning(spacing, label_map=lm, body_region=r.body_region, modality=r.modality)
+                 for r, (_, spacing, lm) in zip(requests, checked)]
         lat_shape = geometry.latent_shape(self.config, size)
         plan = self.prepare_timesteps(steps, lat_shape[1:])
-        x = self.prepare_latents(lat_shape, generator=generator, latents=latents)
-        uncond_control, uncond_cond = self.prepare_guidance(label_map, cond, guidance_scale)
+        x = torch.cat([self.prepare_latents(lat_shape, generator=g, latents=None if latents is None else latents[i])
+                       for i, g in enumerate(generators)])
+        emb, uncond_emb, uncond_cond = self.embed_conditions([lm for _, _, lm in checked], conds, guidance_scale)
         t1 = time.perf_counter()
-        x = self.denoise(x, plan, control=control, cond=cond, guidance_scale=guidance_scale, generator=generator,
-                         uncond_control=uncond_control, uncond_cond=uncond_cond, callback=callback)
+        x = self.denoise(x, plan, control_embedding=emb, cond=Conditioning.cat(conds), guidance_scale=guidance_scale,
+                         generator=list(generators), uncond_embedding=uncond_emb, uncond_cond=uncond_cond,
+                         callback=callback)
+        del emb, uncond_emb
         t2 = time.perf_counter()
-        image = self.decode(x)
-        t3 = time.perf_counter()
-        intensities = self.postprocess(image, label_map, request.modality)
-        affine = request.affine if request.affine is not None else geometry.affine_from_spacing(spacing, size)
-        t4 = time.perf_counter()
-        timings = {"prepare": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "postprocess": t4 - t3,
-                   "total": t4 - t0}
-        return GenerationOutput(
-            image=intensities, modality=self.intensity_convention(request.modality).name, label_map=label_map,
-            affine=np.asarray(affine, dtype=np.float64),
-            spacing_mm=spacing, seed=None, num_inference_steps=steps, timings_s=timings,
-        )
+        n = len(requests)
+        outputs = []
+        for i, (request, (_, spacing, label_map)) in enumerate(zip(requests, checked)):
+            t3 = time.perf_counter()
+            image = self.decode(x[i:i + 1])
+            t4 = time.perf_counter()
+            intensities = self.postprocess(image, label_map, request.modality)
+            affine = request.affine if request.affine is not None else geometry.affine_from_spacing(spacing, size)
+            t5 = time.perf_counter()
+            timings = {"prepare": (t1 - t0) / n, "denoise": (t2 - t1) / n, "denoise_batch": t2 - t1,
+                       "decode": t4 - t3, "postprocess": t5 - t4}
+            timings["total"] = timings["prepare"] + timings["denoise"] + timings["decode"] + timings["postprocess"]
+            outputs.append(GenerationOutput(
+                image=intensities, modality=self.intensity_convention(request.modality).name, label_map=label_map,
+                affine=np.asarray(affine, dtype=np.float64), spacing_mm=spacing, seed=None,
+                num_inference_steps=steps, timings_s=timings, batch_size=n,
+            ))
+        return outputs
 
     # ------------------------------------------------------------------ the numbered steps
 
@@ -473,7 +605,7 @@ class MaisiPipeline:
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, control_embedding: torch.Tensor | None,
                   cond: Conditioning):
-        timesteps = t.reshape(1).to(self.device)
+        timesteps = t.reshape(1).to(self.device).expand(x.shape[0])
         down, mid = None, None
         if control_embedding is not None:
             down, mid = controlnet_residuals(self.controlnet, x, timesteps, control_embedding=control_embedding,
@@ -487,30 +619,57 @@ class MaisiPipeline:
             kwargs["bottom_region_index_tensor"] = cond.bottom_region
         return self.unet(x, timesteps, **kwargs).float()
 
+    def embed_conditions(
+        self, label_maps: Sequence[np.ndarray | None], conds: Sequence[Conditioning], guidance_scale: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, Conditioning | None]:
+        """Step 6a: the ControlNet's mask embeddings (and guidance's unconditional ones), stacked over the cases.
+
+        The embedding does not depend on the timestep, so it is computed once per case and passed to every
+        step. Masks are encoded and embedded one at a time, so only one full-resolution mask is on the
+        device at once however large the batch.
+
+        Returns:
+            (the embeddings (B, C, x, y, z) or None without masks, the unconditional embeddings or None
+            without guidance, the unconditional conditioning or None without guidance).
+        """
+        embs, uncond_embs, uncond_conds = [], [], []
+        with self._autocast():
+            for label_map, cond in zip(label_maps, conds, strict=True):
+                uncond_control, uncond_cond = self.prepare_guidance(label_map, cond, guidance_scale)
+                emb = None if label_map is None else embed_control(self.controlnet, self.prepare_control(label_map))
+                embs.append(emb)
+                uncond_embs.append(emb if uncond_control is None else embed_control(self.controlnet, uncond_control))
+                uncond_conds.append(uncond_cond)
+                del uncond_control
+        emb = _stack(embs)
+        if not guidance_scale:
+            return emb, None, None
+        return emb, _stack(uncond_embs), Conditioning.cat(uncond_conds)
+
     def denoise(
         self,
         latents: torch.Tensor,
         plan: TimestepPlan,
         *,
-        control: torch.Tensor | None,
+        control_embedding: torch.Tensor | None,
         cond: Conditioning,
         guidance_scale: float = 0.0,
-        uncond_control: torch.Tensor | None = None,
+        uncond_embedding: torch.Tensor | None = None,
         uncond_cond: Conditioning | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        """Step 6: the denoising loop, ControlNet → UNet → scheduler, for each timestep."""
+        """Step 6: the denoising loop, ControlNet → UNet → scheduler, for each timestep, over the whole batch.
+
+        ``generator`` is one per case (DDPM's step noise is drawn per case, as at batch 1) or one for all.
+        """
         x = latents
         total = len(plan)
         with self._autocast():
-            # the mask's embedding does not depend on the timestep: computed once, passed to every step
-            emb = None if control is None else embed_control(self.controlnet, control)
-            uncond_emb = emb if uncond_control is None else embed_control(self.controlnet, uncond_control)
             for i, (t, t_next) in enumerate(zip(plan.timesteps, plan.next_timesteps, strict=True)):
-                out = self._velocity(x, t, emb, cond)
+                out = self._velocity(x, t, control_embedding, cond)
                 if guidance_scale and uncond_cond is not None:
-                    out_u = self._velocity(x, t, uncond_emb, uncond_cond)
+                    out_u = self._velocity(x, t, uncond_embedding, uncond_cond)
                     out = out_u + guidance_scale * (out - out_u)
                 x = scheduler_step(self.scheduler, out, t, t_next, x.float(), generator=generator)
                 if callback is not None:
@@ -563,6 +722,13 @@ class MaisiPipeline:
         if label_map is not None:
             out[label_map == labels.BACKGROUND_ID] = convention.background
         return out
+
+
+def _stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The cases' tensors along the batch dimension (a batch of one is its tensor, not a copy)."""
+    if tensors[0] is None:
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def _check_affine_matches_spacing(affine: np.ndarray, spacing: tuple[float, float, float], *, who: str) -> None:

@@ -7,6 +7,7 @@ resolution-dependent timestep shift of rectified flow (``input_img_size_numel`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,11 +81,12 @@ def scheduler_step(
     next_timestep: torch.Tensor,
     sample: torch.Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Advance ``sample`` by one step and return the new sample (same shape (B, C, X, Y, Z)).
 
-    DDPM's step noise comes from ``generator`` on the generator's own device (see :func:`ddpm_step`).
+    DDPM's step noise comes from ``generator`` on the generator's own device (see :func:`ddpm_step`):
+    one generator for the whole batch, or one per case.
     """
     if isinstance(scheduler, RFlowScheduler):
         new_sample, _ = scheduler.step(model_output, timestep, sample, next_timestep)
@@ -98,14 +100,16 @@ def ddpm_step(
     timestep: int,
     sample: torch.Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """MONAI's ``DDPMScheduler.step`` (formulas 6, 7 and 15 of Ho et al. 2020) with the noise drawn apart.
 
     MONAI draws the step noise with ``torch.randn(generator=..., device=model_output.device)``, which
     fails for a CPU generator and CUDA tensors. Here the noise is drawn in fp32 on the generator's device
     (the CPU, like the initial latents) and moved to the sample's, so a seed gives the same noise on
-    every device. Without a generator the noise comes from torch's global CPU generator.
+    every device. Without a generator the noise comes from torch's global CPU generator. With one
+    generator per case, each case's noise is drawn from its own, so a case gets the same noise in a
+    batch as alone.
     """
     if model_output.shape[1] == sample.shape[1] * 2 and scheduler.variance_type in ("learned", "learned_range"):
         model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
@@ -126,8 +130,7 @@ def ddpm_step(
     sample_coeff = scheduler.alphas[timestep] ** 0.5 * beta_prod_prev / beta_prod_t
     prev = x0_coeff * x0 + sample_coeff * sample
     if timestep > 0:
-        noise_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(model_output.shape, generator=generator, dtype=torch.float32, device=noise_device)
+        noise = _step_noise(tuple(model_output.shape), generator)
         std = scheduler._get_variance(timestep, predicted_variance=predicted_variance) ** 0.5
         prev = prev + std * noise.to(device=model_output.device, dtype=model_output.dtype)
     return prev
@@ -140,3 +143,15 @@ def training_target(
     if isinstance(scheduler, RFlowScheduler):
         return x0 - noise
     return noise
+
+
+def _step_noise(shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator | None] | None
+                ) -> torch.Tensor:
+    """fp32 noise of ``shape``, drawn on each generator's device: one draw, or one per case along dim 0."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
+    if len(generator) != shape[0]:
+        raise ConfigError(f"ddpm_step expects one generator per case, but got generators={len(generator)} for a "
+                          f"batch of {shape[0]}.")
+    return torch.cat([_step_noise((1, *shape[1:]), g).cpu() for g in generator])
