@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ PRESET_INIT_SEED = 0  # the seeded random weights of ``preset:NAME``
 
 _cache: dict[tuple[str, str, str | None, str], MaisiPipeline] = {}
 _lock = threading.Lock()
+_loads = threading.local()  # seconds of the load this thread did last, until taken (take_load_seconds)
 
 
 def preset_name(ref: str) -> str | None:
@@ -116,6 +118,7 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
     with _lock:
         if key in _cache:
             return _cache[key]
+        t0 = time.perf_counter()
         name = preset_name(ref)
         try:
             if name is not None:
@@ -127,9 +130,17 @@ def load_pipeline(ref: str, device: str = "auto", *, decode_preset: str | None =
         except (ConfigError, DeviceError, WeightsNotFoundError) as exc:
             raise ModelRefError(f"load_pipeline could not load model={ref!r}: {exc}") from None
         _require_ct(pipe.config, ref)
-        logger.info("loaded model %s on %s (%s)", ref, dev, prec)
+        _loads.seconds = time.perf_counter() - t0
+        logger.info("loaded model %s on %s (%s) in %.1f s", ref, dev, prec, _loads.seconds)
         _cache[key] = pipe
         return pipe
+
+
+def take_load_seconds() -> float | None:
+    """Seconds this thread spent loading a model since the last call (None: it loaded none; the cache served it)."""
+    seconds = getattr(_loads, "seconds", None)
+    _loads.seconds = None
+    return seconds
 
 
 def clear_cache() -> None:

@@ -20,6 +20,8 @@ The flow's parameters hold only public storage options; each task adds this proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +40,8 @@ from flows.errors import ConcurrencyLimitError
 from factory.plan import CaseRequest, batch_cases, cases_per_task, plan_dataset
 from factory.preflight import preflight
 from factory.machine import current_code_version, resolved_device, resolved_threads, set_cpu_threads
-from flows.runtime import RunnerChoice, build_task_runner, flow_run_settings, notify
+from factory.models import take_load_seconds
+from flows.runtime import RunnerChoice, build_task_runner, flow_run_settings, notify, worker_device
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from factory.spec import DatasetSpec, validate_spec
 
@@ -52,12 +55,14 @@ def _with_credentials(root: DatasetRoot) -> DatasetRoot:
 @task(name="generate-cases", cache_policy=NO_CACHE, persist_result=False)
 def generate_cases(requests: list[CaseRequest], *, root: DatasetRoot, generator: str, device: str,
                    decode_preset: str | None, code_version: str, precision: str = "auto", threads: int | None = None,
-                   generation_batch: int | str = 1, concurrency_limit: str | None = None
-                   ) -> list[SampleRecord | CaseInputError]:
+                   generation_batch: int | str = 1, concurrency_limit: str | None = None,
+                   spread_gpus: bool = False) -> list[SampleRecord | CaseInputError]:
     """Generate, check and write a few cases of one cohort, denoising them together (:func:`factory.case.run_cases`).
 
-    The model is loaded once per worker process. With ``concurrency_limit`` the cases run while holding
-    one slot of that Prefect global concurrency limit (a GPU slot shared by every run that names it).
+    The model is loaded once per worker process; the first case of the task that loaded it records the
+    seconds as ``timings_s["model_load"]``. With ``concurrency_limit`` the cases run while holding one
+    slot of that Prefect global concurrency limit (a GPU slot shared by every run that names it). With
+    ``spread_gpus`` an unindexed CUDA device becomes this Dask worker's GPU (:func:`flows.runtime.worker_device`).
 
     Returns:
         One result per request: its record, or the :class:`CaseInputError` when its input is unusable
@@ -66,10 +71,19 @@ def generate_cases(requests: list[CaseRequest], *, root: DatasetRoot, generator:
     root = _with_credentials(root)
     if threads is not None:
         set_cpu_threads(threads)
-    gen = get_generator(generator, requests[0].model_ref, device, decode_preset, precision)
+    take_load_seconds()
+    gen = get_generator(generator, requests[0].model_ref, worker_device(device, spread_gpus=spread_gpus),
+                        decode_preset, precision)
+    loaded = take_load_seconds()
+    if loaded is not None:
+        _logger().info("loaded model %s on %s in %.1f s (process %d)", requests[0].model_ref, gen.device, loaded,
+                       os.getpid())
     with _slot(concurrency_limit):
-        return run_cases(requests, gen, root=root, code_version=code_version, cpu_threads=threads,
-                         batch_size=generation_batch)
+        results = run_cases(requests, gen, root=root, code_version=code_version, cpu_threads=threads,
+                            batch_size=generation_batch)
+    if loaded is not None and isinstance(results[0], SampleRecord):
+        results[0] = dataclasses.replace(results[0], timings_s={**results[0].timings_s, "model_load": loaded})
+    return results
 
 
 def check_concurrency_limit(name: str) -> None:
@@ -180,7 +194,7 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot
         return {generate_cases.submit(batch, root=root, generator=rt.generator, device=rt.device,
                                       decode_preset=rt.decode_preset, precision=rt.precision, code_version=version,
                                       threads=threads, generation_batch=rt.generation_batch,
-                                      concurrency_limit=rt.concurrency_limit): batch
+                                      concurrency_limit=rt.concurrency_limit, spread_gpus=choice.spread_gpus): batch
                 for batch in batch_cases(cases, per_task, slots=choice.slots)}
 
 
@@ -248,7 +262,8 @@ def _dataset_metrics(spec: DatasetSpec, spec_id: str, *, changed: bool, root: Da
 @flow(name="generate-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
 def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_options: dict[str, str] | None = None,
                      code_version: str | None = None, gpu_resources: bool = False,
-                     retry_failed: bool = False, parallel_slots: int | None = None) -> dict[str, Any]:
+                     retry_failed: bool = False, parallel_slots: int | None = None,
+                     spread_gpus: bool = False) -> dict[str, Any]:
     """Generate (or complete) the dataset a spec describes and return its dataset summary.
 
     Args:
@@ -259,6 +274,7 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
         gpu_resources: annotate case tasks with the Dask ``GPU`` resource.
         parallel_slots: how many case tasks the task runner runs at once (None: unknown); ``auto``
             generation batches are sized so that every slot gets work.
+        spread_gpus: the Dask workers see every GPU and take one each (:func:`flows.runtime.worker_device`).
         retry_failed: generate the recorded failures again, on the attempt seeds after their last one, and
             replace their rows (``ctfactory run --retry-failed``).
     """
@@ -280,7 +296,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
                 len(plan.cases) - len(todo), len(todo))
     t_generate = time.perf_counter()
-    futures = _submit_cases(todo, spec, root, version, RunnerChoice(None, gpu_resources, "", parallel_slots))
+    futures = _submit_cases(todo, spec, root, version,
+                            RunnerChoice(None, gpu_resources, "", parallel_slots, spread_gpus=spread_gpus))
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, root=root,
                                                    metadata=meta, retried=frozenset(failed))
@@ -314,4 +331,4 @@ def run_generate(spec: DatasetSpec, *, output_root: str | None = None,
     with flow_run_settings():
         return configured(spec, output_root=output_root, storage_options=dict(storage_options or {}) or None,
                           code_version=current_code_version(), gpu_resources=choice.gpu_resources,
-                          retry_failed=retry_failed, parallel_slots=choice.slots)
+                          retry_failed=retry_failed, parallel_slots=choice.slots, spread_gpus=choice.spread_gpus)

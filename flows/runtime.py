@@ -24,20 +24,26 @@ class RunnerChoice:
     """The task runner, whether generation tasks need the ``GPU`` Dask resource annotation, and its slots.
 
     ``slots`` is how many generation tasks run at once (None when unknown: an existing Dask cluster).
+    ``spread_gpus``: the workers all see every GPU (a plain LocalCluster on a CUDA machine), so each
+    takes GPU ``worker number mod GPU count`` (:func:`worker_device`).
     """
 
     runner: Any
     gpu_resources: bool
     description: str
     slots: int | None = None
+    spread_gpus: bool = False
 
 
 def build_task_runner(runtime: Runtime) -> RunnerChoice:
     """Pick the task runner for a run.
 
     * ``dask_address``: an existing Dask scheduler (``prefect_dask.DaskTaskRunner(address=...)``).
-    * ``dask_local_workers``: a temporary LocalCluster of that many single-threaded worker processes, or a
-      ``dask_cuda.LocalCUDACluster`` (one worker per GPU, ``GPU=1`` resource) when CUDA and dask_cuda exist.
+    * ``dask_local_workers``: a temporary cluster of that many worker processes. On CUDA with dask_cuda, a
+      ``dask_cuda.LocalCUDACluster`` (each worker pinned to its GPU through ``CUDA_VISIBLE_DEVICES``); on CUDA
+      without it, a LocalCluster whose workers take GPUs in turn (:func:`worker_device`), so N workers on one
+      GPU share it. Either way generation tasks need the ``GPU`` resource, ``gpu_slots`` per worker. On a
+      CPU, single-threaded worker processes.
     * otherwise a ``ThreadPoolTaskRunner``: ``gpu_slots`` per GPU on CUDA, ``max_workers`` on CPU.
     """
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -50,14 +56,20 @@ def build_task_runner(runtime: Runtime) -> RunnerChoice:
     if runtime.dask_local_workers:
         from prefect_dask import DaskTaskRunner
 
-        if device.startswith("cuda") and _has_dask_cuda():
-            kwargs = {"resources": {"GPU": runtime.gpu_slots}, "threads_per_worker": runtime.gpu_slots}
-            return RunnerChoice(DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs),
-                                True, "dask LocalCUDACluster (one worker per GPU)", max(1, cuda_device_count()))
-        kwargs = {"n_workers": runtime.dask_local_workers, "threads_per_worker": 1, "processes": True,
-                  "dashboard_address": None, "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+        n = runtime.dask_local_workers
+        gpu = {"resources": {"GPU": runtime.gpu_slots}, "threads_per_worker": runtime.gpu_slots, "n_workers": n}
+        if device.startswith("cuda") and _has_dask_cuda() and n <= cuda_device_count():
+            return RunnerChoice(DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=gpu),
+                                True, f"dask LocalCUDACluster ({n} workers, one per GPU)", n * runtime.gpu_slots)
+        kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+                  "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+        if device.startswith("cuda"):
+            kwargs.update(gpu)
+            return RunnerChoice(DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), True,
+                                f"dask LocalCluster ({n} workers taking GPUs in turn)", n * runtime.gpu_slots,
+                                spread_gpus=True)
         return RunnerChoice(DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs), False,
-                            f"dask LocalCluster ({runtime.dask_local_workers} workers)", runtime.dask_local_workers)
+                            f"dask LocalCluster ({n} workers)", n)
     slots = runtime.gpu_slots * max(1, cuda_device_count()) if device.startswith("cuda") else runtime.max_workers
     return RunnerChoice(ThreadPoolTaskRunner(max_workers=slots), False, f"threads ({slots})", slots)
 
@@ -85,6 +97,27 @@ def flow_run_settings() -> Iterator[None]:
     start_descendant_watch()
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def worker_device(device: str, *, spread_gpus: bool) -> str:
+    """The device a case task uses: ``cuda:<worker number mod GPUs>`` for an unindexed CUDA device on a
+    cluster whose workers see every GPU (``spread_gpus``), else ``device`` as given.
+
+    LocalCluster numbers its workers 0..N-1 (the worker's ``name``); on a worker without a number, or
+    outside Dask, the device is left as given.
+    """
+    if not spread_gpus or device not in ("cuda", "auto"):
+        return device
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        return device
+    count = cuda_device_count()
+    if not count:
+        return device
+    return f"cuda:{index % count}"
 
 
 def _has_dask_cuda() -> bool:
