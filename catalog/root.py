@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalog import fs as _fs
-from catalog.store import Catalog, open_catalog
+
+if TYPE_CHECKING:  # the Delta tables load when asked for: writing a case's files needs only fsspec
+    from catalog.store import Catalog
 
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
@@ -83,4 +85,6 @@ class DatasetRoot:
 
     def catalog(self) -> Catalog:
         """The root's catalog (its tables may not exist yet)."""
+        from catalog.store import open_catalog
+
         return open_catalog(self.uri, self.storage_options)

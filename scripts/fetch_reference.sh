@@ -11,7 +11,8 @@
 # to a GPU machine, and a mirror that lacks the large images and notebooks still works. The commit is written to
 # PINNED_COMMIT inside the copy. An existing copy is
 # replaced only when it is at another commit. With WHEELS=1 the wheels of monai, nibabel and isal (the packages
-# the upstream script and ctfactory's engine need beyond a CUDA PyTorch image; see benchmarks/RACE.md) are
+# the upstream script and ctfactory's engine need beyond a CUDA PyTorch image, and those of the other GPU
+# benchmarks of benchmarks/gpu_issue16.sh; see benchmarks/RACE.md) are
 # downloaded into benchmarks/.reference/wheels for CPython 3.12 on manylinux x86-64.
 set -euo pipefail
 
@@ -68,8 +69,14 @@ fi
 if [[ "${WHEELS:-0}" == "1" ]]; then
     PY="${PYTHON:-python3}"
     mkdir -p "$REF_ROOT/wheels"
-    # versions: what ctfactory's CPU venv runs (pyproject pins); pure-Python except isal
-    for req in "monai==1.6.1" "nibabel==5.4.2" "isal==1.9.1"; do
+    # versions: what ctfactory's CPU venv runs (pyproject pins). monai, nibabel (and isal, for fast gzip) for the
+    # race; pydantic and its parts for the factory's case code (benchmarks/bench_batching.py); dask and distributed
+    # with the parts the image lacks for benchmarks/bench_workers_gpu.py. The CUDA image has torch, numpy, scipy,
+    # pyarrow, fsspec, safetensors, pyyaml, cloudpickle, msgpack, psutil, toolz, sortedcontainers and the rest.
+    for req in "monai==1.6.1" "nibabel==5.4.2" "isal==1.9.1" "pydantic==2.14.4" "pydantic_core==2.50.5" \
+               "annotated-types==0.8.0" "typing-inspection==0.4.5" "typing_extensions==4.16.0" \
+               "dask==2026.8.0" "distributed==2026.8.0" "tornado==6.6.1" "zict==3.0.0" "tblib==3.2.2" \
+               "partd==1.4.2" "locket==1.0.0"; do
         "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
             --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$REF_ROOT/wheels" "$req"
