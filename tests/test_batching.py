@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -286,3 +288,32 @@ def test_flow_concurrency_limit_must_exist_and_serialises_cases(prefect_backend,
     # three threads, one slot: the 0.6 s cases ran one after another (together they would take ~0.6 s)
     assert summary["timings_s"]["generate"] >= 1.8 - 0.05, summary["timings_s"]
     assert time.perf_counter() - t0 >= 1.8
+
+
+def test_run_with_an_unknown_concurrency_limit_exits_2(tmp_path, capsys, monkeypatch):
+    """The flow raises before any case (test above); the command line reports it as bad input, exit 2."""
+    import flows.cli_run as cli_run
+    import flows.generate as generate_module
+    from flows.cli import main
+    from flows.errors import ConcurrencyLimitError
+    from _specs import tiny_spec_text
+
+    for key in [*cli_run._PREFECT_DEFAULTS, "PREFECT_LOGGING_LEVEL"]:  # restored after the test
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        monkeypatch.delenv(key)
+    for name in ("_boot_ephemeral_server", "_drain_prefect", "_quiet_prefect_console"):  # no Prefect here
+        monkeypatch.setattr(cli_run, name, lambda: None)
+    seen = {}
+
+    def refuse(spec, **kwargs):
+        seen["limit"] = spec.runtime.concurrency_limit
+        raise ConcurrencyLimitError("runtime.concurrency_limit expects a global concurrency limit that exists on "
+                                    "the Prefect API, but got concurrency_limit='no-such-limit', which ... (test)")
+
+    monkeypatch.setattr(generate_module, "run_generate", refuse)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(tiny_spec_text(tmp_path / "ds", name="nolimit", count=2, runtime="{generator: 'sleep:0'}"))
+    assert main(["run", str(spec), "--concurrency-limit", "no-such-limit", "--no-progress"]) == 2
+    assert seen == {"limit": "no-such-limit"}  # the option reached the spec's runtime
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ctfactory run: runtime.concurrency_limit expects a global concurrency limit"), err
