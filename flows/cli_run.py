@@ -336,10 +336,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.serve import load_spec_folder, serve_specs
 
     try:
-        load_spec_folder(args.folder)
+        specs = load_spec_folder(args.folder)
+        if args.concurrency_limit is not None:  # the spec's rule for the name, with its message
+            specs[0].with_runtime(concurrency_limit=args.concurrency_limit)
     except FactoryError as exc:
         return _bad("serve", exc)
-    serve_specs(args.folder, limit=args.limit)
+    serve_specs(args.folder, limit=args.limit, keep_schedules=args.keep_schedules,
+                concurrency_limit=args.concurrency_limit)
     return EXIT_OK
 
 
@@ -404,6 +407,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve a folder of specs as scheduled Prefect deployments")
     serve.add_argument("folder", metavar="DIR", help="folder of YAML specs")
     serve.add_argument("--limit", type=int, metavar="N", help="at most N concurrent runs")
+    serve.add_argument("--keep-schedules", action="store_true",
+                       help="leave the schedules on when this process stops (several serve processes sharing the "
+                            "deployments: one stopping must not pause the others)")
+    serve.add_argument("--concurrency-limit", metavar="NAME",
+                       help="the Prefect global concurrency limit of this worker's GPU, for every run it executes "
+                            "(overrides the specs' runtime.concurrency_limit)")
     serve.set_defaults(func=run_serve)
 
     submit = subparsers.add_parser("submit", help="start a run of a served deployment with a spec")

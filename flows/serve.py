@@ -5,10 +5,17 @@ parameter and the schedule it declares (cron or interval); one more deployment `
 has no spec of its own and takes whatever ``ctfactory submit`` sends. :func:`run_spec` is a thin
 flow that calls :func:`flows.generate.run_generate` as a subflow, so served runs honour the spec's
 runtime section (threads or Dask) like ``ctfactory run`` does.
+
+Several ``ctfactory serve`` processes (one per GPU, say) can serve the same folder against one Prefect
+server: each run goes to one of them. A serve process started with a concurrency limit
+(``--concurrency-limit gpu-0``) passes it to the runs it executes through the environment variable
+:data:`CONCURRENCY_LIMIT_ENV`, which overrides the spec's ``runtime.concurrency_limit``: the specs are
+shared, the GPU is the worker's own.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ from factory.spec import DatasetSpec, load_spec, validate_spec
 
 FLOW_NAME = "run-spec"
 ADHOC = "adhoc"
+CONCURRENCY_LIMIT_ENV = "CTFACTORY_CONCURRENCY_LIMIT"  # set by serve_specs for the runs it executes
 
 
 @flow(name=FLOW_NAME)
@@ -29,7 +37,11 @@ def run_spec(spec: dict[str, Any], output_root: str | None = None,
     from flows.secrets import refuse_secret_options
 
     refuse_secret_options(storage_options, who="run_spec")
-    return run_generate(validate_spec(spec), output_root=output_root, storage_options=storage_options)
+    checked = validate_spec(spec)
+    limit = os.environ.get(CONCURRENCY_LIMIT_ENV)
+    if limit:  # this worker's GPU limit (serve --concurrency-limit), whatever the shared spec says
+        checked = checked.with_runtime(concurrency_limit=limit)
+    return run_generate(checked, output_root=output_root, storage_options=storage_options)
 
 
 def load_spec_folder(folder: str | Path) -> list[DatasetSpec]:
@@ -68,11 +80,24 @@ def build_deployments(specs: list[DatasetSpec]) -> list[Any]:
     return deployments
 
 
-def serve_specs(folder: str | Path, *, limit: int | None = None) -> None:
-    """Serve the folder's specs as deployments until interrupted."""
+def serve_specs(folder: str | Path, *, limit: int | None = None, keep_schedules: bool = False,
+                concurrency_limit: str | None = None) -> None:
+    """Serve the folder's specs as deployments until interrupted.
+
+    Args:
+        limit: at most this many runs at once in this process (None: no limit).
+        keep_schedules: leave the deployments' schedules on when this process stops (Prefect pauses them
+            by default); for several serve processes sharing the deployments, where one stopping must
+            not pause the others' schedules.
+        concurrency_limit: the Prefect global concurrency limit the runs of this process use (see the
+            module docstring).
+    """
     from prefect import serve
 
-    serve(*build_deployments(load_spec_folder(folder)), limit=limit)
+    deployments = build_deployments(load_spec_folder(folder))
+    if concurrency_limit:
+        os.environ[CONCURRENCY_LIMIT_ENV] = concurrency_limit
+    serve(*deployments, limit=limit, pause_on_shutdown=not keep_schedules)
 
 
 def submit_spec(spec: DatasetSpec, *, deployment: str = ADHOC, output_root: str | None = None,
