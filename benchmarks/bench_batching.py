@@ -5,12 +5,13 @@ generation, QC, NIfTI writes) with the same model, seeds and settings; only ``ba
 The baseline is the first batch size listed (batch 1 by default), measured in the same run. Each arm gets a warm-up (two one-step cases, at its
 own batch size) so lazy CUDA start-up and kernel selection stay out of both timings.
 
-    # GPU (issue 16): the full MAISI-v2 CT architecture, random weights, 30 steps, fp16
+    # GPU (issue 16): the full MAISI-v2 CT architecture, random weights, 30 steps, fp16; arms: batch 1,
+    # batch auto, batch auto with QC and writes overlapping the next batch's generation
     python benchmarks/bench_batching.py --model preset:maisi_ct_rflow --sizes 256x256x128 512x512x128 \
-        --cases 8 --batches 1 auto
+        --cases 8 --batches 1:off auto:off auto:on
     # CPU: the embedded default architecture (random weights) at 64^3
     python benchmarks/bench_batching.py --model preset:default --sizes 64x64x64 --spacing 4 --cases 4 \
-        --batches 1 2 4 --steps 10
+        --batches 1:off 2:off 4:off 4:on --steps 10
 
 Prints one JSON line per (size, batch) and a table: cases/hour, its ratio to batch 1, the batch sizes
 the cases actually ran at (``generation_batch`` of their records), peak GPU memory, and the largest
@@ -55,14 +56,16 @@ def _spec(args, root: Path, size: tuple[int, int, int], cases: int, steps: int):
                                   sx=sx, sz=sz, steps=steps))
 
 
-def _run(args, generator, size, batch, root: Path, cases: int, steps: int) -> tuple[float, list]:
+def _run(args, generator, size, batch, root: Path, cases: int, steps: int, overlap: bool | None = None
+         ) -> tuple[float, list]:
     from catalog.root import DatasetRoot
     from factory.case import run_cases
     from factory.plan import plan_dataset
 
     requests = plan_dataset(_spec(args, root, size, cases, steps)).cases
     t0 = time.perf_counter()
-    results = run_cases(requests, generator, root=DatasetRoot.of(root), code_version="bench", batch_size=batch)
+    results = run_cases(requests, generator, root=DatasetRoot.of(root), code_version="bench", batch_size=batch,
+                        overlap=overlap)
     return time.perf_counter() - t0, results
 
 
@@ -79,8 +82,9 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=None, help="x/y spacing in mm (default 1.0)")
     parser.add_argument("--spacing-z", type=float, default=None)
     parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--batches", nargs="+", default=["1", "auto"],
-                        help="batch sizes (numbers or auto); the first is the baseline")
+    parser.add_argument("--batches", nargs="+", default=["1:off", "auto:off", "auto:on"],
+                        help="arms BATCH[:on|off|auto]: a batch size (a number or auto) and whether QC and writes "
+                             "overlap the next batch's generation (default auto: on CUDA); the first is the baseline")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
@@ -104,15 +108,17 @@ def main() -> None:
         for size_text in args.sizes:
             size = tuple(int(v) for v in size_text.split("x"))
             reference = None
-            for batch_text in args.batches:
+            for arm in args.batches:
+                batch_text, _, overlap_text = arm.partition(":")
                 batch = batch_text if batch_text == "auto" else int(batch_text)
-                warm = Path(tmp) / f"warm-{size_text}-{batch_text}"
-                _run(args, generator, size, batch, warm, 2 if batch != 1 else 1, 1)
+                overlap = {"on": True, "off": False, "auto": None, "": None}[overlap_text]
+                warm = Path(tmp) / f"warm-{size_text}-{arm.replace(':', '-')}"
+                _run(args, generator, size, batch, warm, 2 if batch != 1 else 1, 1, overlap)
                 if cuda:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                root = Path(tmp) / f"{size_text}-{batch_text}"
-                wall, results = _run(args, generator, size, batch, root, args.cases, args.steps)
+                root = Path(tmp) / f"{size_text}-{arm.replace(':', '-')}"
+                wall, results = _run(args, generator, size, batch, root, args.cases, args.steps, overlap)
                 if cuda:
                     torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device) / 1024**3 if cuda else float("nan")
@@ -122,7 +128,7 @@ def main() -> None:
                 diff = max((float(np.abs(voxels[k] - reference[k]).max()) for k in voxels if k in reference),
                            default=float("nan"))
                 records = [r for r in results if hasattr(r, "generation_batch")]
-                row = {"size": size_text, "batch": batch_text, "cases": args.cases,
+                row = {"size": size_text, "batch": arm, "cases": args.cases,
                        "passed": sum(r.status == "passed" for r in records), "wall_s": round(wall, 2),
                        "cases_per_hour": round(3600 * args.cases / wall, 1),
                        "ran_at": sorted({r.generation_batch for r in records}),

@@ -4,7 +4,8 @@
 # Here, before the device call (once per checkout):
 #   WHEELS=1 bash scripts/fetch_reference.sh [MIRROR]   # NV-Generate-CTMR + the wheels the CUDA image lacks (~12 MB)
 # Then one device call per part, each well inside the 10-minute limit, with carry: ["benchmarks/.reference"]:
-#   bash benchmarks/gpu_issue16.sh batching   # item 1: cases/hour at 256x256x128 and 512x512x128, batch 1 vs auto (~4 min)
+#   bash benchmarks/gpu_issue16.sh batching   # item 1: cases/hour at 256x256x128 and 512x512x128, batch 1 vs auto,
+#                                             # and auto with QC/writes overlapping generation (~5-6 min)
 #   bash benchmarks/gpu_issue16.sh workers    # item 3: 1 vs 2 Dask workers sharing the GPU, 256x256x128 (~2 min)
 #   bash benchmarks/gpu_issue16.sh race       # item 2: ctfactory vs upstream's script at 512^3, fp16 (~4-5 min)
 #   bash benchmarks/gpu_issue16.sh all        # the three in this order (only if the budget allows ~10 min;
@@ -46,7 +47,7 @@ run_part() {
 
 batching() {
     run_part batching benchmarks/bench_batching.py --model preset:maisi_ct_rflow --sizes 256x256x128 512x512x128 \
-        --cases 8 --batches 1 auto --steps 30 --device cuda --json "$OUT/batching.json"
+        --cases 8 --batches 1:off auto:off auto:on --steps 30 --device cuda --json "$OUT/batching.json"
 }
 workers() {
     run_part workers benchmarks/bench_workers_gpu.py --model preset:maisi_ct_rflow --size 256x256x128 --cases 8 \

@@ -23,6 +23,7 @@ The registry is closed: a spec names a generator, it never names code. A dotted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -268,6 +269,7 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoo
 
 
 AUTO_BATCH_LIMIT = 8  # the most cases ``generation_batch: auto`` puts together (maisi_core.engine.batching)
+OVERLAP_PENDING = 2  # volumes that may wait for their QC and write while the next batch is generated
 
 
 @dataclass
@@ -289,7 +291,8 @@ class _Attempts:
 
 def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root: DatasetRoot,
               code_version: str = "", make_mask_fn: Callable[[CaseRequest, int], Any] = make_case_mask,
-              cpu_threads: int | None = None, batch_size: int | str = 1) -> list[SampleRecord | CaseInputError]:
+              cpu_threads: int | None = None, batch_size: int | str = 1,
+              overlap: bool | None = None) -> list[SampleRecord | CaseInputError]:
     """:func:`run_case` for several cases at once, generating those of one size and spacing together.
 
     The cases go through their attempts in rounds: each round makes every pending case's mask for its
@@ -297,6 +300,11 @@ def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root
     the generator says fit, at most :data:`AUTO_BATCH_LIMIT`; generators without ``generate_batch`` make
     one at a time), then checks and writes each case alone. A case's seeds, masks, QC, retries and record
     are those :func:`run_case` gives it; the record adds ``generation_batch``.
+
+    With ``overlap`` (default: on a CUDA generator) a case's QC and writes run on a second thread while
+    the next batch is generated, so the GPU does not wait for the CPU's share (the GPU benchmark
+    ``benchmarks/bench_batching.py --overlap`` measures it). On a CPU both would compete for the same
+    cores, so it is off there.
 
     Returns:
         One result per request, in order: its record, or the :class:`CaseInputError` of an unusable
@@ -329,18 +337,61 @@ def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root
                 case.elapsed += time.perf_counter() - t0
             ready.append((i, mask, seed, time.perf_counter() - t0))
         by_case = {i: (mask, seed, mask_s) for i, mask, seed, mask_s in ready}
-        for i, volume, generate_s in _generate(generator, [(i, cases[i].request, m, s) for i, m, s, _ in ready],
-                                               batch_size):
-            case = cases[i]
-            case.elapsed += generate_s
-            if isinstance(volume, CaseInputError):
-                results[i] = volume
-                continue
-            mask, seed, mask_s = by_case[i]
-            results[i] = _check_and_write(case, generator, mask, volume, seed=seed, root=root,
-                                          timings={"mask": mask_s, "generate": generate_s},
-                                          code_version=code_version, cpu_threads=cpu_threads)
+        checks: dict[int, Any] = {}  # case -> its QC and write, on the second thread
+        with _checker(generator, overlap) as submit:
+            for i, volume, generate_s in _generate(generator, [(i, cases[i].request, m, s) for i, m, s, _ in ready],
+                                                   batch_size):
+                case = cases[i]
+                case.elapsed += generate_s
+                if isinstance(volume, CaseInputError):
+                    results[i] = volume
+                    continue
+                mask, seed, mask_s = by_case[i]
+                checks[i] = submit(_check_and_write, case, generator, mask, volume, seed=seed, root=root,
+                                   timings={"mask": mask_s, "generate": generate_s},
+                                   code_version=code_version, cpu_threads=cpu_threads)
+        for i, check in checks.items():
+            results[i] = check.result()  # None: that attempt failed, the case goes on to its next
     return [r for r in results if r is not None]
+
+
+class _Done:
+    """A call already made, with the :class:`concurrent.futures.Future`'s ``result`` (the call on one thread)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._value = fn(*args, **kwargs)
+
+    def result(self) -> Any:
+        return self._value
+
+
+@contextlib.contextmanager
+def _checker(generator: CaseGenerator, overlap: bool | None) -> Iterator[Callable[..., Any]]:
+    """``submit(fn, ...)`` for the cases' QC and writes: a second thread when overlapping, else a direct call.
+
+    At most :data:`OVERLAP_PENDING` volumes wait for their check, so a slow disk holds a few volumes in
+    memory, not a task's worth. The block's end waits for every submitted call; their errors surface
+    from ``result()``.
+    """
+    if overlap is None:
+        overlap = str(getattr(generator, "device", "cpu")).startswith("cuda")
+    if not overlap:
+        yield _Done
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    pending: deque = deque()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctfactory-check") as pool:
+        def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            while len(pending) >= OVERLAP_PENDING:
+                wait([pending.popleft()])
+            future = pool.submit(fn, *args, **kwargs)
+            pending.append(future)
+            return future
+
+        yield submit
 
 
 def _generate(generator: CaseGenerator, items: list[tuple[int, CaseRequest, Any, int]], batch_size: int | str

@@ -118,7 +118,7 @@ def _comparable(record) -> dict:
     return {k: v for k, v in record.to_row().items() if k not in VOLATILE_COLUMNS}
 
 
-def _run(tmp_path, name: str, spec, batch_size, make_mask_fn=None):
+def _run(tmp_path, name: str, spec, batch_size, make_mask_fn=None, overlap=None):
     from catalog.root import DatasetRoot
     from factory.case import get_generator, make_case_mask, run_cases
     from factory.plan import plan_dataset
@@ -126,7 +126,7 @@ def _run(tmp_path, name: str, spec, batch_size, make_mask_fn=None):
     root = tmp_path / name
     results = run_cases(plan_dataset(spec).cases, get_generator("maisi", "preset:tiny", "cpu"),
                         root=DatasetRoot.of(root), code_version="t", batch_size=batch_size,
-                        make_mask_fn=make_mask_fn or make_case_mask)
+                        make_mask_fn=make_mask_fn or make_case_mask, overlap=overlap)
     files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.nii.gz"))}
     return results, files
 
@@ -166,6 +166,49 @@ def test_run_cases_failures_are_recorded_alike_in_batches(tmp_path):
     two, _ = _run(tmp_path, "two", spec, 2)
     assert [_comparable(r) for r in two] == [_comparable(r) for r in alone]
     assert [r.generation_batch for r in two] == [2, 2, 1]
+
+
+def test_overlapping_checks_write_what_one_thread_writes(tmp_path, monkeypatch):
+    """QC and writes on a second thread while the next batch is generated: same records, files and retries."""
+    import threading
+
+    import factory.case as case_module
+    from _specs import tiny_spec
+
+    spec = tiny_spec(tmp_path / "x", name="overlap", seed=6, count=5, steps=1,
+                     qc="{organ_hu_check: false, max_retries: 1}")
+    threads, check = set(), case_module._check_and_write
+    flaky = {}
+
+    def spy(case, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        if case.request.case_index == 3 and case.attempt == 0:  # one QC failure: retried in the next round
+            flaky[case.request.sample_id] = True
+            case.reasons.append("attempt 0: qc: failed on purpose (test)")
+            case.attempt += 1
+            return None
+        return check(case, *args, **kwargs)
+
+    monkeypatch.setattr(case_module, "_check_and_write", spy)
+    plain, plain_files = _run(tmp_path, "plain", spec, 2, overlap=False)
+    assert threads == {threading.current_thread().name}
+    threads.clear()
+    overlapped, files = _run(tmp_path, "overlap", spec, 2, overlap=True)
+    assert threads == {"ctfactory-check_0"}
+    assert [_comparable(r) for r in overlapped] == [_comparable(r) for r in plain]
+    assert files == plain_files and len(files) == 10 and overlapped[3].attempt == 1
+
+
+def test_an_error_in_an_overlapped_check_reaches_the_caller(tmp_path, monkeypatch):
+    import factory.case as case_module
+    from _specs import tiny_spec
+
+    def broken_disk(*args, **kwargs):
+        raise OSError("No space left on device (test)")
+
+    monkeypatch.setattr(case_module, "_check_and_write", broken_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _run(tmp_path, "full", tiny_spec(tmp_path / "x", name="full", seed=7, count=3, steps=1), 2, overlap=True)
 
 
 def test_an_unusable_input_in_a_batch_is_found_and_the_others_go_on(tmp_path, monkeypatch):
