@@ -25,3 +25,20 @@ def test_publish_volume_writes_keeps_identical_and_replaces_different(tmp_path):
     assert action == "replaced" and other.sha256 != first.sha256
     assert sha256_of(uri, {}) == other.sha256
     np.testing.assert_array_equal(io.load_image(uri).array, image + 10)
+
+
+def test_missing_files_on_s3_lists_each_folder_once(tmp_path):
+    import fsspec
+    from s3_server import local_s3_server
+
+    from catalog.root import DatasetRoot
+    from factory.dataset import missing_files
+
+    with local_s3_server(bucket="missing-files") as s3:
+        fs = fsspec.filesystem("s3", **s3.fsspec_options)
+        for key in ("images/a.nii.gz", "labels/a.nii.gz", "images/b.nii.gz"):
+            fs.pipe_file(f"missing-files/ds/{key}", b"x")
+        root = DatasetRoot.of("s3://missing-files/ds", s3.delta_options)
+        uris = ["images/a.nii.gz", "labels/a.nii.gz", "images/b.nii.gz", "labels/b.nii.gz", "images/c.nii.gz"]
+        assert missing_files(root, uris) == {"labels/b.nii.gz", "images/c.nii.gz"}
+        assert missing_files(root, ["masks/x.nii.gz"]) == {"masks/x.nii.gz"}  # a folder that does not exist
