@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog import fs as _fs
@@ -92,6 +93,8 @@ def _parquet_log_paths(fs: Any, path: str, log: str) -> list[str]:
         for kind in (*_FILE_ACTIONS, "sidecar"):
             if kind in names:
                 column = parquet.read(columns=[f"{kind}.path"]).column(0)
+                if pa.types.is_struct(column.type):  # pyarrow reads a nested column as its parent struct
+                    column = pc.struct_field(column, "path")
                 found = [p for p in column.to_pylist() if p]
                 if kind == "sidecar":
                     for sidecar in found:

@@ -375,6 +375,29 @@ class Catalog:
         logger.info("optimize: %s", metrics)
         return metrics
 
+    def compact(self, *, checkpoint: bool = True) -> dict[str, Any]:
+        """Merge the ``samples`` table's small files (one new version, same rows), then write a checkpoint.
+
+        Each commit of a run adds one small Parquet file, and every later commit and ``committed_ids``
+        reads them all; compaction bin-packs the small files and leaves files already at the target
+        size alone, so unlike :meth:`optimize` (z-order) it does not rewrite the whole table each time.
+        The checkpoint of the new version lets the next reader skip replaying the JSON commits before
+        it (benchmarks/SCALE.md). Older versions stay readable until vacuumed.
+
+        Returns:
+            delta-rs optimize metrics (``numFilesAdded``, ``numFilesRemoved``, ...) and ``version``.
+        """
+        table = self.delta_table("samples")
+        metrics = table.optimize.compact(
+            writer_properties=WriterProperties(max_row_group_size=OPTIMIZE_ROW_GROUP_ROWS),
+            commit_properties=CommitProperties(custom_metadata={"ctfactory.operation": "compact"}),
+        )
+        table.update_incremental()
+        if checkpoint:
+            table.create_checkpoint()
+        logger.info("compact: %s", metrics)
+        return {**metrics, "version": table.version()}
+
     # -- reading helpers ----------------------------------------------------------------------
     def committed_sample_ids(self, *, status: str | None = None) -> set[str]:
         """Return the committed sample_ids (all, or only those with ``status``), for resuming runs."""

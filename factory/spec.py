@@ -99,6 +99,10 @@ class Runtime(StrictModel):
     dask_address: str | None = Field(None, pattern=r"^(tcp|tls|inproc|ucx)://.+")
     dask_local_workers: int | None = Field(None, ge=1, le=256)
     batch_size: int = Field(8, ge=1, le=10_000, description="records per catalog commit")
+    compact_every: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="compact the samples table's small files (as 'ctfactory catalog optimize' does) after every N "
+                    "commits of a run; absent: never (benchmarks/SCALE.md: worth it from about 10^5 cases)")
     gpu_slots: int = Field(1, ge=1, le=16, description="concurrent cases per GPU")
     max_workers: int = Field(1, ge=1, le=256, description="concurrent cases on CPU")
     threads: int | None = Field(None, ge=1, le=256,

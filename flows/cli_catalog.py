@@ -151,6 +151,27 @@ def run_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_optimize(args: argparse.Namespace) -> int:
+    """Handle ``catalog optimize``: compact the samples table's small files (``--z-order``: also cluster them)."""
+    cat = _open(args)
+    with _reading(args, "optimize"):
+        if not cat.exists("samples"):
+            raise CatalogReadError(f"catalog optimize expects a catalog with a samples table, but got root="
+                                   f"{args.root!r} without one. Run a spec into it first.")
+        before = cat.version
+        metrics = cat.optimize() if args.z_order else cat.compact()
+        if args.z_order:
+            cat.delta_table("samples").create_checkpoint()
+        after = cat.version
+    what = "z-ordered" if args.z_order else "compacted"
+    if after == before:
+        _emit(f"samples version {after}: nothing to {'z-order' if args.z_order else 'compact'}; checkpoint written\n")
+        return EXIT_OK
+    _emit(f"samples version {before} -> {after}: {what} {metrics.get('numFilesRemoved', 0)} files into "
+          f"{metrics.get('numFilesAdded', 0)}; checkpoint written\n")
+    return EXIT_OK
+
+
 def _iso_time(millis: object) -> str:
     """Delta's commit timestamp (epoch milliseconds) as ISO-8601 UTC, e.g. ``2026-12-02T12:30:55.123Z``."""
     from datetime import datetime, timezone
@@ -269,6 +290,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     history.add_argument("--table", choices=("samples", "datasets"), default="samples")
     history.add_argument("--json", action="store_true", help="print the raw commit entries as JSON")
     history.set_defaults(func=run_history)
+
+    optimize = sub.add_parser(
+        "optimize", help="merge the small files that many commits leave (one new version, same rows)",
+        description="Compact the samples table: bin-pack the small Parquet files each commit adds into large ones "
+                    "and write a checkpoint, so commits and the next run's start read a few files instead of "
+                    "thousands (benchmarks/SCALE.md). Runs can do it themselves every N commits with "
+                    "runtime.compact_every. Older versions stay readable (time travel).")
+    _add_root(optimize)
+    optimize.add_argument("--z-order", action="store_true",
+                          help="also cluster rows on body_region, pathology and qc_pass for filtered queries "
+                               "(rewrites the whole table each time)")
+    optimize.set_defaults(func=run_optimize)
 
     verify = sub.add_parser(
         "verify", help="check files, repeated sample_ids and leftovers; exit 0 clean, 1 problems, 2 unreadable",

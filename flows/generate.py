@@ -149,6 +149,12 @@ def commit_records(records: list[SampleRecord], *, root: DatasetRoot, metadata: 
     return dataset.commit(_with_credentials(root), records, metadata=metadata, retried=retried)
 
 
+@task(name="compact-catalog", cache_policy=NO_CACHE, persist_result=False)
+def compact_catalog(root: DatasetRoot) -> dict[str, Any]:
+    """:meth:`catalog.store.Catalog.compact` as a task (``runtime.compact_every``)."""
+    return _with_credentials(root).catalog().compact()
+
+
 @task(name="find-failed", cache_policy=NO_CACHE, persist_result=False)
 def find_failed(root: DatasetRoot, spec_id: str) -> dict[str, int]:
     """:func:`factory.dataset.failed_attempts` as a task."""
@@ -199,9 +205,9 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, list[CaseRequest]], *, batch_size: int, root: DatasetRoot,
-                        metadata: Mapping[str, Any], retried: frozenset[str] = frozenset()
-                        ) -> tuple[list[SampleRecord], list[str], int]:
-    """Commit records every ``batch_size`` results as they complete.
+                        metadata: Mapping[str, Any], retried: frozenset[str] = frozenset(),
+                        compact_every: int | None = None) -> tuple[list[SampleRecord], list[str], int]:
+    """Commit records every ``batch_size`` results as they complete (and compact every ``compact_every`` commits).
 
     Returns:
         The records, the cases that ended without one (``"<sample_id>: <cause>"``), and how many of
@@ -212,14 +218,21 @@ def _collect_and_commit(futures: dict[PrefectFuture, list[CaseRequest]], *, batc
     batch: list[SampleRecord] = []
     crashed: list[str] = []
     inputs = 0
+    commits = 0
 
     def flush() -> None:
+        nonlocal commits
         if batch:
             version = commit_records(list(batch), root=root, metadata=metadata,
                                      retried=retried & {r.sample_id for r in batch})
             notify("committed", version=version, rows=len(batch))
             logger.info("committed %d records as samples version %s", len(batch), version)
             batch.clear()
+            commits += 1
+            if compact_every and commits % compact_every == 0:
+                metrics = compact_catalog(root)
+                logger.info("compacted %s files into %s (samples version %s)", metrics.get("numFilesRemoved"),
+                            metrics.get("numFilesAdded"), metrics.get("version"))
 
     for future in as_completed(list(futures)):
         requests = futures[future]
@@ -300,7 +313,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
                             RunnerChoice(None, gpu_resources, "", parallel_slots, spread_gpus=spread_gpus))
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, root=root,
-                                                   metadata=meta, retried=frozenset(failed))
+                                                   metadata=meta, retried=frozenset(failed),
+                                                   compact_every=spec.runtime.compact_every)
     if crashed and not _with_credentials(root).catalog().exists("samples"):
         raise CasesCrashedError(crashed, inputs)
     t_validate = time.perf_counter()
