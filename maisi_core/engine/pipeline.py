@@ -14,6 +14,11 @@ Every call runs the same numbered steps, each a public method:
 8. :meth:`MaisiPipeline.postprocess`: clip and map by modality (CT: [0, 1] → HU, background -1000 HU;
    MR: lower clip only, [0, 1000], background 0), affine.
 
+:meth:`MaisiPipeline.generate_batch` runs several masks of one size through the same steps: 1-5 and the
+mask embedding (6a, :meth:`MaisiPipeline.embed_conditions`) per case, the denoising loop once for the
+stacked batch, 7 and 8 per case. Each case draws its noise from its own seed, so on a CPU it gets the
+voxels it gets alone; :mod:`maisi_core.engine.batching` says how many fit on a GPU.
+
 The module is longer than the house's ~400 lines on purpose: like a diffusers pipeline file, it keeps the
 request and output types and every numbered step of the one class together, so a reader follows a call
 from top to bottom in one place; the parts that stand alone (decoding, schedulers, networks, geometry,
