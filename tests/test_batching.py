@@ -360,3 +360,24 @@ def test_run_with_an_unknown_concurrency_limit_exits_2(tmp_path, capsys, monkeyp
     assert seen == {"limit": "no-such-limit"}  # the option reached the spec's runtime
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ctfactory run: runtime.concurrency_limit expects a global concurrency limit"), err
+
+
+def test_measure_case_memory_reads_the_allocator_around_one_embedding_and_one_step(tiny_pipe, monkeypatch):
+    """The CUDA measurement's wiring and arithmetic, on the CPU with a scripted allocator (no GPU here)."""
+    import types
+
+    from maisi_core.engine import batching
+
+    allocated = iter([1000, 1600])  # before the embedding; after it (the embedding held: 600)
+    peaks = iter([5000, 3600])  # embedding peak; step peak
+    fake_cuda = types.SimpleNamespace(
+        synchronize=lambda device: None, reset_peak_memory_stats=lambda device: None,
+        memory_allocated=lambda device: next(allocated), max_memory_allocated=lambda device: next(peaks))
+    monkeypatch.setattr(torch, "cuda", fake_cuda)
+    pipe = types.SimpleNamespace(**{name: getattr(tiny_pipe, name) for name in (
+        "config", "controlnet", "prepare_conditioning", "prepare_timesteps", "prepare_control", "_autocast",
+        "_velocity")}, device=types.SimpleNamespace(type="cuda"))
+    memory = batching.measure_case_memory(pipe, (32, 32, 32), SPACING)
+    assert memory == batching.CaseMemory(per_case=(3600 - 1600) + 600, transient=5000 - 1000)
+    with pytest.raises(ConfigError, match="expects a CUDA pipeline"):
+        batching.measure_case_memory(tiny_pipe, (32, 32, 32), SPACING)

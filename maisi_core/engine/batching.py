@@ -80,7 +80,8 @@ def measure_case_memory(pipeline: Any, size: tuple[int, int, int], spacing: tupl
     if device.type != "cuda":
         raise ConfigError(f"measure_case_memory expects a CUDA pipeline, but got device={device}.")
     label_map = np.full(size, BODY_ID, dtype=np.uint8)
-    cond = pipeline.prepare_conditioning(spacing, label_map=label_map)
+    # a body-region model reads its regions from the map; an all-body map has none, so name one
+    cond = pipeline.prepare_conditioning(spacing, label_map=label_map, body_region="abdomen")
     lat_shape = geometry.latent_shape(pipeline.config, size)
     plan = pipeline.prepare_timesteps(1, lat_shape[1:])
     with torch.no_grad(), pipeline._autocast():
@@ -94,7 +95,7 @@ def measure_case_memory(pipeline: Any, size: tuple[int, int, int], spacing: tupl
         transient = torch.cuda.max_memory_allocated(device) - base
         held = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        x = torch.zeros((1, *lat_shape), device=device)
+        x = torch.zeros((1, *lat_shape), device=emb.device)
         out = pipeline._velocity(x, plan.timesteps[0], emb, cond)
         torch.cuda.synchronize(device)
         step = torch.cuda.max_memory_allocated(device) - held
