@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,30 +315,37 @@ def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def cases_per_task(generation_batch: int | str, *, device: str) -> int:
-    """The most cases one generation task takes: ``runtime.generation_batch``, or for ``auto`` 1 on a CPU and
-    :data:`factory.case.AUTO_BATCH_LIMIT` on CUDA (the task's generator then batches as many as fit)."""
+def cases_per_task(generation_batch: int | str, *, device: str, latent_voxels: int | None = None) -> int:
+    """The most cases one generation task takes: ``runtime.generation_batch``, or for ``auto``
+    :data:`factory.case.AUTO_BATCH_LIMIT` on CUDA (the task's generator then batches as many as fit) and
+    :func:`maisi_core.engine.batching.cpu_batch_size` of the case's latent on a CPU (1 when unknown)."""
     from factory.case import AUTO_BATCH_LIMIT
+    from maisi_core.engine.batching import cpu_batch_size
 
-    if generation_batch == "auto":
-        return AUTO_BATCH_LIMIT if device.startswith("cuda") else 1
-    return int(generation_batch)
+    if generation_batch != "auto":
+        return int(generation_batch)
+    if device.startswith("cuda"):
+        return AUTO_BATCH_LIMIT
+    return 1 if latent_voxels is None else cpu_batch_size(latent_voxels, limit=AUTO_BATCH_LIMIT)
 
 
-def batch_cases(cases: Sequence[CaseRequest], per_task: int, *, slots: int | None = None) -> list[list[CaseRequest]]:
+def batch_cases(cases: Sequence[CaseRequest], per_task: int | Callable[[CaseRequest], int], *,
+                slots: int | None = None) -> list[list[CaseRequest]]:
     """Split cases into tasks of at most ``per_task`` that share model, size, spacing and steps, in plan order.
 
-    With ``slots`` (tasks the runner runs at once), a group is spread over at least that many tasks when
-    it has the cases, so a few large batches never leave workers idle: 8 cases on 4 GPUs make 4 tasks of 2.
+    ``per_task`` is a number, or a function of a group's first case (the size decides on a CPU). With
+    ``slots`` (tasks the runner runs at once), a group is spread over at least that many tasks when it
+    has the cases, so a few large batches never leave workers idle: 8 cases on 4 GPUs make 4 tasks of 2.
     """
-    if per_task < 1:
-        raise FactoryError(f"batch_cases expects per_task >= 1, but got per_task={per_task}.")
     groups: dict[tuple, list[CaseRequest]] = {}
     for case in cases:
         groups.setdefault((case.model_ref, case.output_size, case.spacing_mm, case.num_inference_steps),
                           []).append(case)
     tasks = []
     for group in groups.values():
-        size = per_task if not slots else max(1, min(per_task, math.ceil(len(group) / slots)))
+        most = per_task(group[0]) if callable(per_task) else per_task
+        if most < 1:
+            raise FactoryError(f"batch_cases expects per_task >= 1, but got per_task={most}.")
+        size = most if not slots else max(1, min(most, math.ceil(len(group) / slots)))
         tasks += [group[i:i + size] for i in range(0, len(group), size)]
     return tasks

@@ -113,10 +113,12 @@ class Runtime(StrictModel):
         "auto", description="'auto': fp16 autocast on CUDA (upstream), fp32 on a CPU; recorded per sample")
     generation_batch: Annotated[int | str, WithJsonSchema(
         {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 64}, {"const": "auto"}]})] = Field(
-        "auto", description="cases of one cohort (same model, size, spacing and steps) denoised together: 'auto' "
-                            "(from the GPU's free memory, at most 8; 1 on a CPU) or a number; recorded per sample. "
-                            "On CUDA another batch may change the last bits of a volume: pin a number to reproduce "
-                            "a dataset bit for bit")
+        1, description="cases of one cohort (same model, size, spacing and steps) denoised together: a number, or "
+                       "'auto' (on CUDA as many as free memory allows, at most 8; on a CPU up to 4 small cases); "
+                       "recorded per sample. A case's voxels then differ from batch 1 in the last float bits "
+                       "(about 0.005 HU, written as int16: a voxel here and there by 1 HU), so the default, 1, "
+                       "gives the same volumes however the run is spread; a pinned number reproduces its own "
+                       "volumes")
     concurrency_limit: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
         description="name of a Prefect global concurrency limit that every generation task holds one slot of while "

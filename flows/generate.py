@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -35,12 +36,14 @@ from catalog.schema import SampleRecord
 from catalog.root import DatasetRoot
 from factory import dataset
 from factory.case import get_generator, run_cases
-from factory.errors import CaseInputError, CasesCrashedError
+from factory.errors import CaseInputError, CasesCrashedError, FactoryError
 from flows.errors import ConcurrencyLimitError
 from factory.plan import CaseRequest, batch_cases, cases_per_task, plan_dataset
 from factory.preflight import preflight
 from factory.machine import current_code_version, resolved_device, resolved_threads, set_cpu_threads
-from factory.models import take_load_seconds
+from factory.models import pipeline_config, take_load_seconds
+from maisi_core.engine.geometry import latent_shape
+from maisi_core.errors import MaisiError
 from flows.runtime import RunnerChoice, build_task_runner, flow_run_settings, notify, worker_device
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from factory.spec import DatasetSpec, validate_spec
@@ -195,13 +198,36 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot
         import dask
 
         annotate = dask.annotate(resources={"GPU": 1})
-    per_task = cases_per_task(rt.generation_batch, device=resolved_device(rt.device))
+    per_task = _cases_per_task(spec)
     with annotate:
         return {generate_cases.submit(batch, root=root, generator=rt.generator, device=rt.device,
                                       decode_preset=rt.decode_preset, precision=rt.precision, code_version=version,
                                       threads=threads, generation_batch=rt.generation_batch,
                                       concurrency_limit=rt.concurrency_limit, spread_gpus=choice.spread_gpus): batch
-                for batch in batch_cases(cases, per_task, slots=choice.slots)}
+                # a pinned batch keeps its composition whatever the workers; auto spreads over them
+                for batch in batch_cases(cases, per_task, slots=choice.slots if rt.generation_batch == "auto" else None)}
+
+
+def _cases_per_task(spec: DatasetSpec) -> Callable[[CaseRequest], int]:
+    """How many cases of a cohort one task takes (:func:`factory.plan.cases_per_task`).
+
+    ``auto`` batches only for the ``maisi`` generator (the stub and registered generators make one case
+    at a time, so a task of several would only coarsen the progress); on a CPU the size decides.
+    """
+    rt = spec.runtime
+    if rt.generation_batch == "auto" and rt.generator != "maisi":
+        return lambda case: 1
+    device = resolved_device(rt.device)
+
+    def per_task(case: CaseRequest) -> int:
+        try:
+            config = pipeline_config(case.model_ref, preset=spec.model.preset)
+            voxels = math.prod(latent_shape(config, case.output_size)[1:])
+        except (FactoryError, MaisiError):  # the model is not readable here (a worker's path): one case per task
+            voxels = None
+        return cases_per_task(rt.generation_batch, device=device, latent_voxels=voxels)
+
+    return per_task
 
 
 def _collect_and_commit(futures: dict[PrefectFuture, list[CaseRequest]], *, batch_size: int, root: DatasetRoot,

@@ -1,4 +1,12 @@
-"""Batched generation (issue 16, item 1): a batch gives each case the voxels it gets alone, on the CPU."""
+"""Batched generation (issue 16, item 1): a batch gives each case the volume it gets alone, up to float rounding.
+
+The seeded presets' ControlNet and UNet end in zero-initialised layers, so their output is zero whatever
+the batch: a batch of them matches batch 1 trivially. These tests therefore redraw every ControlNet and
+UNet weight (:func:`busy`), check that the networks' output is not trivial, and compare batched volumes
+with one-at-a-time ones within a float-rounding tolerance: a mixed-up seed, mask or noise draw differs by
+hundreds of HU, rounding by thousandths (the CPU's convolution kernels sum in another order for another
+batch size).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,29 @@ import numpy as np
 import pytest
 import torch
 
-from maisi_core import MaisiPipeline
+from maisi_core import MaisiPipeline, presets
 from maisi_core.engine.batching import CaseMemory, batch_size_for_memory
 from maisi_core.errors import ConfigError
 from test_pipeline import _tiny_ddpm
 
 SPACING = (1.5, 1.5, 1.5)
+ROUNDING_HU = 0.05  # measured: 0.004-0.007 HU after 3 steps on these weights, 0.004-0.006 on the shipped default
+
+
+def busy(config) -> MaisiPipeline:
+    """A pipeline whose ControlNet and UNet weights are all redrawn (seeded), so both networks do real work."""
+    pipe = MaisiPipeline.from_config(config, device="cpu")
+    rng = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for net in (pipe.unet, pipe.controlnet):
+            for param in net.parameters():
+                param.copy_(torch.randn(param.shape, generator=rng) * 0.05)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def busy_pipe() -> MaisiPipeline:
+    return busy(presets.tiny())
 
 
 def _maps(label_map: np.ndarray) -> list[np.ndarray]:
@@ -25,34 +50,58 @@ def _maps(label_map: np.ndarray) -> list[np.ndarray]:
     return [label_map, tumour, spleen]
 
 
+def _rounding(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+def test_busy_weights_make_the_networks_work(busy_pipe, tiny_pipe, label_map):
+    """The guard of this file: with the seeded preset the velocity is zero, with busy weights it is not."""
+    def velocity(pipe):
+        cond = pipe.prepare_conditioning(SPACING, label_map=label_map)
+        emb, _, _ = pipe.embed_conditions([label_map], [cond], 0.0)
+        x = torch.randn((1, 4, 8, 8, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return pipe._velocity(x, torch.tensor(500.0), emb, cond)
+
+    assert float(velocity(tiny_pipe).abs().max()) == 0.0
+    assert float(velocity(busy_pipe).abs().max()) > 0.1
+
+
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
-def test_rflow_batch_equals_one_at_a_time(tiny_pipe, label_map, guidance):
+def test_rflow_batch_equals_one_at_a_time(busy_pipe, label_map, guidance):
     maps, seeds = _maps(label_map), [11, 12, 13]
-    alone = [tiny_pipe.generate(m, spacing_mm=SPACING, seed=s, num_inference_steps=3, guidance_scale=guidance)
+    alone = [busy_pipe.generate(m, spacing_mm=SPACING, seed=s, num_inference_steps=3, guidance_scale=guidance)
              for m, s in zip(maps, seeds)]
-    batch = tiny_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=3,
+    batch = busy_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=3,
                                      guidance_scale=guidance)
     assert [o.batch_size for o in batch] == [3, 3, 3] and [o.seed for o in batch] == seeds
     for a, b in zip(alone, batch):
-        assert np.array_equal(a.image, b.image)  # bit for bit
+        assert _rounding(a.image, b.image) < ROUNDING_HU
         assert np.array_equal(a.label_map, b.label_map) and np.array_equal(a.affine, b.affine)
-    assert not np.array_equal(batch[0].image, batch[1].image)  # the cases stay distinct
+    body = maps[0] > 0
+    assert _rounding(batch[0].image[body], batch[2].image[body]) > 100  # the cases stay distinct
+    again = busy_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=3,
+                                     guidance_scale=guidance)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(batch, again))  # the same batch: the same bits
+    swapped = busy_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=[12, 11, 13], num_inference_steps=3,
+                                       guidance_scale=guidance)
+    assert _rounding(swapped[0].image[body], alone[0].image[body]) > 100  # what a mixed-up seed would look like
     assert batch[0].timings_s["denoise_batch"] == pytest.approx(3 * batch[0].timings_s["denoise"])
 
 
 def test_ddpm_step_noise_is_drawn_per_case(label_map):
-    pipe = MaisiPipeline.from_config(_tiny_ddpm(), device="cpu")
+    pipe = busy(_tiny_ddpm())
     maps, seeds = _maps(label_map)[:2], [5, 6]
     alone = [pipe.generate(m, spacing_mm=SPACING, seed=s, num_inference_steps=4) for m, s in zip(maps, seeds)]
     batch = pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=4)
     for a, b in zip(alone, batch):
-        assert np.array_equal(a.image, b.image)
+        assert _rounding(a.image, b.image) < ROUNDING_HU
 
 
-def test_a_batch_that_runs_out_of_memory_is_split_and_remembered(tiny_pipe, label_map, monkeypatch):
+def test_a_batch_that_runs_out_of_memory_is_split_and_remembered(busy_pipe, label_map, monkeypatch):
     maps = _maps(label_map) + [label_map]
     seeds = [1, 2, 3, 4]
-    alone = [tiny_pipe.generate(m, spacing_mm=SPACING, seed=s, num_inference_steps=2) for m, s in zip(maps, seeds)]
+    alone = [busy_pipe.generate(m, spacing_mm=SPACING, seed=s, num_inference_steps=2) for m, s in zip(maps, seeds)]
     run_batch, sizes = MaisiPipeline.run_batch, []
 
     def small_device(self, requests, **kwargs):
@@ -62,12 +111,12 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_remembered(tiny_pipe, labe
         return run_batch(self, requests, **kwargs)
 
     monkeypatch.setattr(MaisiPipeline, "run_batch", small_device)
-    monkeypatch.setattr(tiny_pipe, "_batch_caps", {})
-    batch = tiny_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=2)
+    monkeypatch.setattr(busy_pipe, "_batch_caps", {})
+    batch = busy_pipe.generate_batch(maps, spacing_mm=SPACING, seeds=seeds, num_inference_steps=2)
     assert sizes == [4, 2, 2]
     assert [o.seed for o in batch] == seeds and [o.batch_size for o in batch] == [2, 2, 2, 2]
-    assert all(np.array_equal(a.image, b.image) for a, b in zip(alone, batch))
-    assert tiny_pipe._batch_caps == {(32, 32, 32): 2}
+    assert all(_rounding(a.image, b.image) < ROUNDING_HU for a, b in zip(alone, batch))
+    assert busy_pipe._batch_caps == {(32, 32, 32): 2}
 
 
 def test_one_out_of_memory_case_is_not_split(tiny_pipe, label_map, monkeypatch):
@@ -87,8 +136,12 @@ def test_a_batch_refuses_mixed_sizes_and_miscounted_seeds(tiny_pipe, label_map):
         tiny_pipe.generate_batch([label_map, label_map], spacing_mm=SPACING, seeds=[0], num_inference_steps=1)
 
 
-def test_a_cpu_pipeline_suggests_batches_of_one(tiny_pipe):
-    assert tiny_pipe.suggest_batch_size((32, 32, 32), SPACING, limit=8) == 1
+def test_a_cpu_pipeline_batches_small_latents_only(tiny_pipe):
+    assert tiny_pipe.suggest_batch_size((32, 32, 32), SPACING, limit=8) == 4  # latent 8^3: the CPU's most
+    assert tiny_pipe.suggest_batch_size((32, 32, 32), SPACING, limit=3) == 3
+    assert tiny_pipe.suggest_batch_size((128, 128, 128), SPACING, limit=8) == 4  # latent 32^3
+    assert tiny_pipe.suggest_batch_size((160, 160, 160), SPACING, limit=8) == 2  # latent 40^3
+    assert tiny_pipe.suggest_batch_size((256, 256, 128), SPACING, limit=8) == 1
 
 
 @pytest.mark.parametrize(("free_gb", "limit", "expected"), [
@@ -112,34 +165,64 @@ def test_batch_size_for_memory_refuses_nonsense():
 # -- the factory: cases, records and files ---------------------------------------------------------
 
 
+QC_OFF = "{organ_hu_check: false, orientation_check: false, agreement_check: false, tumor_check: false, max_retries: 2}"
+"""The busy weights make noise, not CT: every image check off, so attempts fail only where a test says."""
+FROM_VOXELS = ("image_sha256", "image_bytes", "organ_median", "label_agreement", "tumor_contrast_hu")
+
+
 def _comparable(record) -> dict:
     from catalog.schema import VOLATILE_COLUMNS
 
     return {k: v for k, v in record.to_row().items() if k not in VOLATILE_COLUMNS}
 
 
-def _run(tmp_path, name: str, spec, batch_size, make_mask_fn=None, overlap=None):
+def _alike(batched, alone) -> None:
+    """Two runs' records agree: exactly, except what is measured from the image voxels (within rounding)."""
+    for b, a in zip(batched, alone, strict=True):
+        rb, ra = _comparable(b), _comparable(a)
+        assert {k: v for k, v in rb.items() if k not in FROM_VOXELS} == \
+            {k: v for k, v in ra.items() if k not in FROM_VOXELS}
+        assert dict(rb["organ_median"]).keys() == dict(ra["organ_median"]).keys()
+        assert all(abs(dict(rb["organ_median"])[k] - v) <= 1.0 for k, v in dict(ra["organ_median"]).items())
+
+
+def _voxels_alike(batched: dict, alone: dict) -> None:
+    """Written images within 1 HU (int16 rounding of a float difference), label maps byte for byte."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    assert batched.keys() == alone.keys()
+    for name in alone:
+        if name.startswith("labels/"):
+            assert batched[name] == alone[name]
+            continue
+        a, b = (nib.Nifti1Image.from_stream(io.BytesIO(gzip.decompress(f[name]))).get_fdata() for f in (alone, batched))
+        assert float(np.abs(a - b).max()) <= 1.0
+
+
+def _run(tmp_path, name: str, spec, batch_size, make_mask_fn=None, overlap=None, generator=None):
     from catalog.root import DatasetRoot
-    from factory.case import get_generator, make_case_mask, run_cases
+    from factory.case import PipelineGenerator, make_case_mask, run_cases
     from factory.plan import plan_dataset
 
     root = tmp_path / name
-    results = run_cases(plan_dataset(spec).cases, get_generator("maisi", "preset:tiny", "cpu"),
-                        root=DatasetRoot.of(root), code_version="t", batch_size=batch_size,
-                        make_mask_fn=make_mask_fn or make_case_mask, overlap=overlap)
+    generator = generator or PipelineGenerator(busy(presets.tiny()), "tiny-busy")
+    results = run_cases(plan_dataset(spec).cases, generator, root=DatasetRoot.of(root), code_version="t",
+                        batch_size=batch_size, make_mask_fn=make_mask_fn or make_case_mask, overlap=overlap)
     files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.nii.gz"))}
     return results, files
 
 
 def test_run_cases_in_one_batch_writes_what_one_at_a_time_writes(tmp_path):
-    """Mask retries and QC retries included: the same seeds, attempts, files and records, in batches."""
+    """Mask retries included: the same seeds, attempts and records, the same volumes up to rounding, in batches."""
     from factory.case import make_case_mask
     from factory.plan import attempt_seed
     from maisi_core.errors import MaskSourceError
     from _specs import tiny_spec
 
-    spec = tiny_spec(tmp_path / "x", name="batched", seed=3, count=4, steps=2,
-                     qc="{organ_hu_check: false, max_retries: 2}")
+    spec = tiny_spec(tmp_path / "x", name="batched", seed=3, count=4, steps=2, qc=QC_OFF)
 
     def flaky_masks(request, seed):  # case 1 cannot place its first mask: its attempt 1 joins the next round
         if request.case_index == 1 and seed == attempt_seed(request.seed, 0):
@@ -149,8 +232,9 @@ def test_run_cases_in_one_batch_writes_what_one_at_a_time_writes(tmp_path):
     alone, alone_files = _run(tmp_path, "alone", spec, 1, flaky_masks)
     batched, batched_files = _run(tmp_path, "batched", spec, 4, flaky_masks)
     assert [r.status for r in alone] == ["passed"] * 4 and [r.attempt for r in alone] == [0, 1, 0, 0]
-    assert [_comparable(r) for r in batched] == [_comparable(r) for r in alone]
-    assert batched_files == alone_files and len(batched_files) == 8
+    _alike(batched, alone)
+    _voxels_alike(batched_files, alone_files)
+    assert len(batched_files) == 8
     assert [r.generation_batch for r in alone] == [1] * 4
     assert [r.generation_batch for r in batched] == [3, 1, 3, 3]  # case 1's attempt 1 ran alone in round 2
 
@@ -160,11 +244,11 @@ def test_run_cases_failures_are_recorded_alike_in_batches(tmp_path):
 
     spec = tiny_spec(tmp_path / "x", name="failing", seed=4, count=3, steps=1, qc=UNREACHABLE_QC)
     alone, _ = _run(tmp_path, "alone", spec, 1)
-    batched, files = _run(tmp_path, "batched", spec, "auto")  # auto is 1 on a CPU
+    batched, files = _run(tmp_path, "batched", spec, "auto")  # auto: the three at once (a small latent)
     assert files == {} and [r.status for r in batched] == ["failed"] * 3
-    assert [_comparable(r) for r in batched] == [_comparable(r) for r in alone]
+    _alike(batched, alone)
     two, _ = _run(tmp_path, "two", spec, 2)
-    assert [_comparable(r) for r in two] == [_comparable(r) for r in alone]
+    _alike(two, alone)
     assert [r.generation_batch for r in two] == [2, 2, 1]
 
 
@@ -175,8 +259,7 @@ def test_overlapping_checks_write_what_one_thread_writes(tmp_path, monkeypatch):
     import factory.case as case_module
     from _specs import tiny_spec
 
-    spec = tiny_spec(tmp_path / "x", name="overlap", seed=6, count=5, steps=1,
-                     qc="{organ_hu_check: false, max_retries: 1}")
+    spec = tiny_spec(tmp_path / "x", name="overlap", seed=6, count=5, steps=1, qc=QC_OFF)
     threads, check = set(), case_module._check_and_write
     flaky = {}
 
@@ -251,7 +334,10 @@ def test_batch_cases_groups_by_size_spacing_and_steps_and_spreads_over_slots(tmp
     assert [c.sample_id for t in tasks for c in t] == [c.sample_id for c in cases]  # every case once, in order
     assert [len(t) for t in batch_cases(cases, 8, slots=4)] == [2, 2, 2, 2, 1, 1, 1]
     assert cases_per_task("auto", device="cpu") == 1 and cases_per_task("auto", device="cuda:0") == 8
+    assert cases_per_task("auto", device="cpu", latent_voxels=16**3) == 4  # 64^3 on the default model
+    assert cases_per_task("auto", device="cpu", latent_voxels=64 * 64 * 32) == 1  # 256x256x128
     assert cases_per_task(5, device="cpu") == 5
+    assert [len(t) for t in batch_cases(cases, lambda case: 4 if case.cohort == "small" else 1)] == [4, 4, 1, 1, 1]
 
 
 # -- the spec, the command line and the flow ------------------------------------------------------
@@ -294,6 +380,8 @@ def _sha(root):
 
 
 def test_flow_with_generation_batch_commits_the_same_cases(prefect_backend, tmp_path):
+    """The flow's wiring: tasks of two cases, records of batch 2. (preset:tiny's zero-initialised output layers
+    make the bytes equal too; the tests above compare volumes with busy weights.)"""
     from catalog.store import open_catalog
     from flows.generate import run_generate
     from _specs import tiny_spec

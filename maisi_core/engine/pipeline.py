@@ -16,8 +16,8 @@ Every call runs the same numbered steps, each a public method:
 
 :meth:`MaisiPipeline.generate_batch` runs several masks of one size through the same steps: 1-5 and the
 mask embedding (6a, :meth:`MaisiPipeline.embed_conditions`) per case, the denoising loop once for the
-stacked batch, 7 and 8 per case. Each case draws its noise from its own seed, so on a CPU it gets the
-voxels it gets alone; :mod:`maisi_core.engine.batching` says how many fit on a GPU.
+stacked batch, 7 and 8 per case. Each case draws its noise from its own seed, so it gets the volume it
+gets alone up to float rounding; :mod:`maisi_core.engine.batching` says how many to batch.
 
 The module is longer than the house's ~400 lines on purpose: like a diffusers pipeline file, it keeps the
 request and output types and every numbered step of the one class together, so a reader follows a call
@@ -331,13 +331,13 @@ class MaisiPipeline:
         guidance_scale: float = 0.0,
         callback: StepCallback | None = None,
     ) -> list[GenerationOutput]:
-        """Generate one volume per label map, denoising them together; the same volumes as one at a time.
+        """Generate one volume per label map, denoising them together; the volumes of one at a time, up to rounding.
 
         Each case draws its noise from its own generator seeded by its seed, exactly as :meth:`generate`
-        does, and the networks treat the cases of a batch independently, so on a CPU the voxels equal
-        those of batch 1 (``tests/test_batching.py``); on CUDA the kernels chosen for another batch size
-        may change the last bits. A batch that runs out of CUDA memory is split in halves (and the
-        size remembered, see :meth:`suggest_batch_size`).
+        does, and the networks treat the cases of a batch independently. The kernels of another batch
+        size sum in another order, so a volume differs from batch 1 by float rounding (about 0.005 HU;
+        ``tests/test_batching.py``); the same batch repeats its bits. A batch that runs out of CUDA
+        memory is split in halves (and the size remembered, see :meth:`suggest_batch_size`).
 
         Raises:
             ConfigError: label maps of different sizes, or seeds and maps of different counts.
@@ -374,16 +374,20 @@ class MaisiPipeline:
         return [dataclasses.replace(out, seed=seed) for out, seed in zip(outputs, seeds, strict=True)]
 
     def suggest_batch_size(self, size_vox: Sequence[int], spacing_mm: Sequence[float], *, limit: int) -> int:
-        """How many cases of this size to denoise together: 1 on a CPU, the memory rule on CUDA (at most ``limit``).
+        """How many cases of this size to denoise together (at most ``limit``).
 
-        On CUDA the per-case memory is measured once per size (:func:`maisi_core.engine.batching.measure_case_memory`)
-        and the free memory read at each call; a size that once ran out of memory keeps the smaller batch.
+        On a CPU, :func:`maisi_core.engine.batching.cpu_batch_size` of the latent. On CUDA the per-case
+        memory is measured once per size (:func:`maisi_core.engine.batching.measure_case_memory`) and the
+        free memory read at each call; a size that once ran out of memory keeps the smaller batch.
         """
         from maisi_core.engine import batching
 
-        if self.device.type != "cuda" or limit <= 1:
+        if limit <= 1:
             return 1
         size = tuple(int(s) for s in size_vox)
+        if self.device.type != "cuda":
+            _, *spatial = geometry.latent_shape(self.config, size)
+            return batching.cpu_batch_size(int(np.prod(spatial)), limit=limit)
         if size not in self._case_memory:
             self._case_memory[size] = batching.measure_case_memory(self, size, tuple(float(s) for s in spacing_mm))
         n = batching.batch_size_for_memory(batching.available_cuda_bytes(self.device), self._case_memory[size],
