@@ -12,6 +12,9 @@
 #                                             # then only 8 of the files under $OUT come back)
 # The durations are estimates from the A100 figures of upstream's docs/performance.md and the 20.4 s that one
 # 512^3 case took on an H200 before: nothing here has run on a GPU yet. Results (JSON and logs) go to $OUT.
+# A CPU smoke run of the same steps (small sizes, tiny model; PYTHON: an interpreter with ctfactory installed):
+#   DEVICE=cpu MODEL=preset:tiny SIZES=32x32x32 SPACING=8 CASES=2 STEPS=1 PYTHON=.venv/bin/python \
+#     bash benchmarks/gpu_issue16.sh batching
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -30,7 +33,17 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+DEVICE="${DEVICE:-cuda}"
+MODEL="${MODEL:-preset:maisi_ct_rflow}"
+SIZES="${SIZES:-256x256x128 512x512x128}"
+SPACING="${SPACING:-1.0}"
+CASES="${CASES:-8}"
+STEPS="${STEPS:-30}"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+else
+    echo "no nvidia-smi on this machine" | tee "$OUT/gpu.txt"
+fi
 "$PY" -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$OUT/gpu.txt"
 
 status=0
@@ -46,12 +59,13 @@ run_part() {
 }
 
 batching() {
-    run_part batching benchmarks/bench_batching.py --model preset:maisi_ct_rflow --sizes 256x256x128 512x512x128 \
-        --cases 8 --batches 1:off auto:off auto:on --steps 30 --device cuda --json "$OUT/batching.json"
+    # shellcheck disable=SC2086  # SIZES is a list
+    run_part batching benchmarks/bench_batching.py --model "$MODEL" --sizes $SIZES --spacing "$SPACING" \
+        --cases "$CASES" --batches 1:off auto:off auto:on --steps "$STEPS" --device "$DEVICE" --json "$OUT/batching.json"
 }
 workers() {
-    run_part workers benchmarks/bench_workers_gpu.py --model preset:maisi_ct_rflow --size 256x256x128 --cases 8 \
-        --workers 1 2 --steps 30 --device cuda --json "$OUT/workers.json"
+    run_part workers benchmarks/bench_workers_gpu.py --model "$MODEL" --size "${SIZES%% *}" --spacing "$SPACING" \
+        --cases "$CASES" --workers 1 2 --steps "$STEPS" --device "$DEVICE" --json "$OUT/workers.json"
 }
 race() {
     run_part race benchmarks/race_reference.py --size 512x512x512 --out /tmp/race
