@@ -192,9 +192,10 @@ def run_run(args: argparse.Namespace) -> int:
         progress.close()
         _drain_prefect()
         print(f"ctfactory run: {_cause(exc)}", file=sys.stderr)
-        from flows.errors import ConcurrencyLimitError
+        from flows.errors import ConcurrencyLimitError, DaskClusterError
 
-        if isinstance(exc, ConcurrencyLimitError) or (isinstance(exc, CasesCrashedError) and exc.only_inputs):
+        if isinstance(exc, (ConcurrencyLimitError, DaskClusterError)) or (
+                isinstance(exc, CasesCrashedError) and exc.only_inputs):
             return EXIT_BAD_INPUT
         return EXIT_FAILED_CASES
     finally:

@@ -11,3 +11,7 @@ class DeploymentError(FactoryError, RuntimeError):
 
 class ConcurrencyLimitError(FactoryError, ValueError):
     """Raised when ``runtime.concurrency_limit`` names a limit the Prefect API does not have."""
+
+
+class DaskClusterError(FactoryError, ConnectionError):
+    """Raised when ``runtime.dask_address`` names a Dask scheduler that does not answer."""

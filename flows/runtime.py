@@ -38,7 +38,9 @@ class RunnerChoice:
 def build_task_runner(runtime: Runtime) -> RunnerChoice:
     """Pick the task runner for a run.
 
-    * ``dask_address``: an existing Dask scheduler (``prefect_dask.DaskTaskRunner(address=...)``).
+    * ``dask_address``: an existing Dask scheduler (``prefect_dask.DaskTaskRunner(address=...)``); when its
+      workers advertise ``GPU`` resources (``dask worker ... --resources GPU=1``), generation tasks ask for
+      one each, so a worker runs as many cases at once as it has GPU slots (:func:`cluster_gpu_slots`).
     * ``dask_local_workers``: a temporary cluster of that many worker processes. On CUDA with dask_cuda, a
       ``dask_cuda.LocalCUDACluster`` (each worker pinned to its GPU through ``CUDA_VISIBLE_DEVICES``); on CUDA
       without it, a LocalCluster whose workers take GPUs in turn (:func:`worker_device`), so N workers on one
@@ -52,7 +54,9 @@ def build_task_runner(runtime: Runtime) -> RunnerChoice:
     if runtime.dask_address:
         from prefect_dask import DaskTaskRunner
 
-        return RunnerChoice(DaskTaskRunner(address=runtime.dask_address), False, f"dask {runtime.dask_address}", None)
+        gpus = cluster_gpu_slots(runtime.dask_address)
+        where = f"dask {runtime.dask_address}" + (f" ({gpus} GPU slots)" if gpus else "")
+        return RunnerChoice(DaskTaskRunner(address=runtime.dask_address), bool(gpus), where, gpus or None)
     if runtime.dask_local_workers:
         from prefect_dask import DaskTaskRunner
 
@@ -97,6 +101,33 @@ def flow_run_settings() -> Iterator[None]:
     start_descendant_watch()
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+CLUSTER_TIMEOUT_S = 10.0
+
+
+def cluster_gpu_slots(address: str, *, timeout_s: float = CLUSTER_TIMEOUT_S) -> int:
+    """The ``GPU`` resources the workers of the Dask scheduler at ``address`` advertise, summed (0: none).
+
+    Asked once before a run, so an unreachable scheduler fails the run at once with its address, not
+    when the first case is submitted.
+
+    Raises:
+        DaskClusterError: no scheduler answered at ``address`` within ``timeout_s``.
+    """
+    from distributed import Client
+
+    from flows.errors import DaskClusterError
+
+    try:
+        with Client(address, timeout=timeout_s, set_as_default=False) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except (OSError, TimeoutError) as exc:
+        raise DaskClusterError(
+            f"runtime.dask_address expects a reachable Dask scheduler, but got dask_address={address!r}: "
+            f"{type(exc).__name__}: {exc}. Start one (dask scheduler; dask worker {address} --resources GPU=1) "
+            "or check the address.") from None
+    return int(sum(w.get("resources", {}).get("GPU", 0) for w in workers))
 
 
 def worker_device(device: str, *, spread_gpus: bool) -> str:

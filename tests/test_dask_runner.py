@@ -63,7 +63,46 @@ def test_worker_device_takes_gpus_in_turn_only_when_asked(monkeypatch):
     assert worker_device("cuda", spread_gpus=True) == "cuda"  # a worker without a number keeps the device
 
 
-def test_an_existing_dask_cluster_has_unknown_slots(monkeypatch):
-    _machine(monkeypatch, gpus=0, dask_cuda=False)
-    choice = build_task_runner(Runtime(dask_address="tcp://127.0.0.1:8786"))
+def test_an_existing_cluster_without_gpu_resources_runs_tasks_unannotated():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        choice = build_task_runner(Runtime(dask_address=cluster.scheduler_address))
     assert (choice.gpu_resources, choice.slots, choice.spread_gpus) == (False, None, False)
+
+
+@pytest.fixture()
+def gpu_cluster():
+    """An existing Dask cluster (in this process) whose two workers advertise one GPU each."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+def test_an_existing_cluster_with_gpu_resources_gets_annotated_tasks(gpu_cluster):
+    choice = build_task_runner(Runtime(dask_address=gpu_cluster.scheduler_address))
+    assert (choice.gpu_resources, choice.slots, choice.spread_gpus) == (True, 2, False)
+    assert choice.description.endswith("(2 GPU slots)")
+
+
+def test_an_unreachable_scheduler_fails_at_once_with_its_address():
+    from flows.errors import DaskClusterError
+    from flows.runtime import cluster_gpu_slots
+
+    with pytest.raises(DaskClusterError, match=r"^runtime\.dask_address expects a reachable Dask scheduler, but got "
+                                               r"dask_address='tcp://127\.0\.0\.1:9'"):
+        cluster_gpu_slots("tcp://127.0.0.1:9", timeout_s=1)
+
+
+def test_a_run_on_an_existing_gpu_cluster_completes(prefect_backend, gpu_cluster, tmp_path):
+    """Tasks that ask for a GPU run on the cluster's GPU workers (an annotation no worker could meet would hang)."""
+    from _specs import tiny_spec
+    from catalog.store import open_catalog
+    from flows.generate import run_generate
+
+    spec = tiny_spec(tmp_path / "ds", name="on-cluster", seed=31, count=3,
+                     runtime=f"{{generator: 'sleep:0', dask_address: '{gpu_cluster.scheduler_address}'}}")
+    assert run_generate(spec)["generated"] == 3
+    assert open_catalog(tmp_path / "ds").read_table().num_rows == 3
