@@ -268,7 +268,6 @@ def run_case(request: CaseRequest, generator: CaseGenerator, *, root: DatasetRoo
     return result
 
 
-AUTO_BATCH_LIMIT = 8  # the most cases ``generation_batch: auto`` puts together (maisi_core.engine.batching)
 OVERLAP_PENDING = 2  # volumes that may wait for their QC and write while the next batch is generated
 
 
@@ -297,7 +296,7 @@ def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root
 
     The cases go through their attempts in rounds: each round makes every pending case's mask for its
     next attempt seed, generates the volumes in batches (``batch_size`` cases, or ``"auto"``: as many as
-    the generator says fit, at most :data:`AUTO_BATCH_LIMIT`; generators without ``generate_batch`` make
+    the generator says fit, at most :data:`maisi_core.engine.batching.MAX_AUTO_BATCH`; generators without ``generate_batch`` make
     one at a time), then checks and writes each case alone. A case's seeds, masks, QC, retries and record
     are those :func:`run_case` gives it; the record adds ``generation_batch``.
 
@@ -432,8 +431,10 @@ def _batch_size(generator: CaseGenerator, request: CaseRequest, batch_size: int 
     if n == 1 or not hasattr(generator, "generate_batch"):
         return 1
     if batch_size == "auto":
+        from maisi_core.engine.batching import MAX_AUTO_BATCH
+
         suggest = getattr(generator, "suggest_batch_size", None)
-        return 1 if suggest is None else max(1, min(n, int(suggest(request, limit=min(n, AUTO_BATCH_LIMIT)))))
+        return 1 if suggest is None else max(1, min(n, int(suggest(request, limit=min(n, MAX_AUTO_BATCH)))))
     return max(1, min(n, int(batch_size)))
 
 

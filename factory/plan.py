@@ -317,16 +317,16 @@ def format_plan(spec: DatasetSpec, plan: DatasetPlan) -> str:
 
 def cases_per_task(generation_batch: int | str, *, device: str, latent_voxels: int | None = None) -> int:
     """The most cases one generation task takes: ``runtime.generation_batch``, or for ``auto``
-    :data:`factory.case.AUTO_BATCH_LIMIT` on CUDA (the task's generator then batches as many as fit) and
-    :func:`maisi_core.engine.batching.cpu_batch_size` of the case's latent on a CPU (1 when unknown)."""
-    from factory.case import AUTO_BATCH_LIMIT
-    from maisi_core.engine.batching import cpu_batch_size
+    :data:`maisi_core.engine.batching.MAX_AUTO_BATCH` on CUDA (the task's generator then batches as many
+    as fit) and :func:`maisi_core.engine.batching.cpu_batch_size` of the case's latent on a CPU (1 when
+    unknown)."""
+    from maisi_core.engine.batching import MAX_AUTO_BATCH, cpu_batch_size
 
     if generation_batch != "auto":
         return int(generation_batch)
     if device.startswith("cuda"):
-        return AUTO_BATCH_LIMIT
-    return 1 if latent_voxels is None else cpu_batch_size(latent_voxels, limit=AUTO_BATCH_LIMIT)
+        return MAX_AUTO_BATCH
+    return 1 if latent_voxels is None else cpu_batch_size(latent_voxels, limit=MAX_AUTO_BATCH)
 
 
 def batch_cases(cases: Sequence[CaseRequest], per_task: int | Callable[[CaseRequest], int], *,
