@@ -333,8 +333,9 @@ def run_cases(requests: Sequence[CaseRequest], generator: CaseGenerator, *, root
                 results[i] = CaseInputError(f"{case.request.sample_id}: mask: {exc}")
                 continue
             finally:
-                case.elapsed += time.perf_counter() - t0
-            ready.append((i, mask, seed, time.perf_counter() - t0))
+                mask_s = time.perf_counter() - t0
+                case.elapsed += mask_s
+            ready.append((i, mask, seed, mask_s))
         by_case = {i: (mask, seed, mask_s) for i, mask, seed, mask_s in ready}
         checks: dict[int, Any] = {}  # case -> its QC and write, on the second thread
         with _checker(generator, overlap) as submit:

@@ -44,7 +44,7 @@ from factory.machine import current_code_version, resolved_device, resolved_thre
 from factory.models import pipeline_config, take_load_seconds
 from maisi_core.engine.geometry import latent_shape
 from maisi_core.errors import MaisiError
-from flows.runtime import RunnerChoice, build_task_runner, flow_run_settings, notify, worker_device
+from flows.runtime import build_task_runner, flow_run_settings, notify, worker_device
 from flows.secrets import export_secrets, refuse_secret_options, resolve_storage_options, split_storage_options
 from factory.spec import DatasetSpec, validate_spec
 
@@ -188,13 +188,14 @@ def publish_card(root: DatasetRoot) -> str:
     return dataset.write_card(_with_credentials(root))
 
 
-def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot, version: str,
-                  choice: RunnerChoice) -> dict[PrefectFuture, list[CaseRequest]]:
+def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot, version: str, *,
+                  gpu_resources: bool, slots: int | None, spread_gpus: bool
+                  ) -> dict[PrefectFuture, list[CaseRequest]]:
     """Submit one ``generate-cases`` task per batch of cases (:func:`factory.plan.batch_cases`)."""
     rt = spec.runtime
     threads = resolved_threads(rt)
     annotate = contextlib.nullcontext()
-    if choice.gpu_resources:
+    if gpu_resources:
         import dask
 
         annotate = dask.annotate(resources={"GPU": 1})
@@ -203,9 +204,9 @@ def _submit_cases(cases: list[CaseRequest], spec: DatasetSpec, root: DatasetRoot
         return {generate_cases.submit(batch, root=root, generator=rt.generator, device=rt.device,
                                       decode_preset=rt.decode_preset, precision=rt.precision, code_version=version,
                                       threads=threads, generation_batch=rt.generation_batch,
-                                      concurrency_limit=rt.concurrency_limit, spread_gpus=choice.spread_gpus): batch
+                                      concurrency_limit=rt.concurrency_limit, spread_gpus=spread_gpus): batch
                 # a pinned batch keeps its composition whatever the workers; auto spreads over them
-                for batch in batch_cases(cases, per_task, slots=choice.slots if rt.generation_batch == "auto" else None)}
+                for batch in batch_cases(cases, per_task, slots=slots if rt.generation_batch == "auto" else None)}
 
 
 def _cases_per_task(spec: DatasetSpec) -> Callable[[CaseRequest], int]:
@@ -340,8 +341,8 @@ def generate_dataset(spec: DatasetSpec, output_root: str | None = None, storage_
     logger.info("spec %s: %d cases, %d committed already, %d to generate", plan.spec_id, len(plan.cases),
                 len(plan.cases) - len(todo), len(todo))
     t_generate = time.perf_counter()
-    futures = _submit_cases(todo, spec, root, version,
-                            RunnerChoice(None, gpu_resources, "", parallel_slots, spread_gpus=spread_gpus))
+    futures = _submit_cases(todo, spec, root, version, gpu_resources=gpu_resources, slots=parallel_slots,
+                            spread_gpus=spread_gpus)
     meta = {"spec_id": plan.spec_id, "dataset": spec.name, "dataset_version": spec.version, "code_version": version}
     records, crashed, inputs = _collect_and_commit(futures, batch_size=spec.runtime.batch_size, root=root,
                                                    metadata=meta, retried=frozenset(failed),

@@ -314,10 +314,8 @@ class MaisiPipeline:
             output_size_vox=None if output_size_vox is None else tuple(int(s) for s in output_size_vox),  # type: ignore[arg-type]
             body_region=body_region, modality=modality, fix_body=fix_body, affine=affine,
         )
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        out = self(request, num_inference_steps=num_inference_steps, generator=generator,
-                   guidance_scale=guidance_scale, callback=callback)
-        return dataclasses.replace(out, seed=int(seed))
+        return self._generate_split([request], [int(seed)], num_inference_steps=num_inference_steps,
+                                    guidance_scale=guidance_scale, callback=callback)[0]
 
     def generate_batch(
         self,
