@@ -31,22 +31,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-SPEC = """\
-name: dask-bench
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: {seed}
-cohorts:
-  - name: stub
-    count: {cases}
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 1
-    qc: {{organ_hu_check: false, max_retries: 0}}
-runtime: {{batch_size: 8, dask_local_workers: {workers}, generator: "sleep:{sleep}", threads: 1}}
-"""
 
 
 def main() -> int:
@@ -56,7 +40,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
 
-    from factory.spec import parse_spec
+    from bench_orchestration import stub_spec
     from flows.generate import run_generate
     from flows.runtime import progress_listener
 
@@ -64,8 +48,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))
         for i, workers in enumerate(args.workers):
-            spec = parse_spec(SPEC.format(root=f"{tmp}/w{workers}", seed=i, cases=args.cases, workers=workers,
-                                          sleep=args.sleep))
+            spec = stub_spec(f"{tmp}/w{workers}", name="dask-bench", seed=i, cases=args.cases,
+                             runtime=f'batch_size: 8, dask_local_workers: {workers}, generator: "sleep:{args.sleep}", '
+                                     'threads: 1')
             done: list[float] = []
 
             def on_event(event: str, data: dict) -> None:

@@ -31,7 +31,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 SPEC = """\
-name: bench
+name: {name}
 version: "1"
 model: preset:tiny
 output_root: {root}
@@ -44,8 +44,15 @@ cohorts:
     spacing_mm: [8, 8, 8]
     num_inference_steps: 1
     qc: {{organ_hu_check: false, max_retries: 0}}
-runtime: {{batch_size: {batch}, max_workers: 1, generator: "sleep:{sleep}"}}
+runtime: {{{runtime}}}
 """
+
+
+def stub_spec(root: str, *, cases: int, seed: int, runtime: str, name: str = "bench"):
+    """The stub cohort the orchestration benchmarks share (32^3 tiny cases, QC off); ``runtime``: a YAML mapping's body."""
+    from factory.spec import parse_spec
+
+    return parse_spec(SPEC.format(name=name, root=root, seed=seed, cases=cases, runtime=runtime))
 
 
 def baseline_loop(spec, root: str, sleep: float, batch: int) -> tuple[float, float]:
@@ -82,12 +89,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from flows.generate import run_generate
-    from factory.spec import parse_spec
 
+    runtime = f'batch_size: {args.batch}, max_workers: 1, generator: "sleep:{args.sleep}"'
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))
-        make = lambda root, cases, seed: parse_spec(SPEC.format(root=root, cases=cases, sleep=args.sleep,  # noqa: E731
-                                                                 batch=args.batch, seed=seed))
+        make = lambda root, cases, seed: stub_spec(root, cases=cases, seed=seed, runtime=runtime)  # noqa: E731
         t0 = time.perf_counter()
         run_generate(make(f"{tmp}/warm", 1, 0))
         cold = time.perf_counter() - t0

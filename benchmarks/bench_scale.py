@@ -19,7 +19,7 @@ Measures the project's own code paths, so that ``benchmarks/SCALE.md`` can proje
    back through the Prefect client), and the per-case cost of the flow against the plain loop of
    ``bench_orchestration.baseline_loop`` (baseline: the same cases, commits and dataset tail without Prefect),
    in wall time and in CPU time of this process plus the ephemeral server (CPU is steadier on shared cores).
-   With ``runtime.generation_batch`` in the spec, one more flow run packs ``--generation-batch`` cases per task.
+   With ``--generation-batch`` above 1, one more flow run packs that many cases per task.
 5. ``settings`` and ``probe``: commit cost for other records per commit, and what ``delta.checkpointInterval``,
    ``delta.dataSkippingNumIndexedCols`` and a second z-order do in this delta-rs.
 6. ``projection``: least-squares fits of the measured commit costs, EXTRAPOLATED linearly (in versions since
@@ -486,36 +486,12 @@ def settings_probe(tmp: Path) -> dict:
 
 
 # -- one case through the library on S3 -------------------------------------------------------------------------------
-SPEC = """\
-name: scale
-version: "1"
-model: preset:tiny
-output_root: {root}
-seed: {seed}
-cohorts:
-  - name: stub
-    count: {cases}
-    body_region: chest
-    output_size: [32, 32, 32]
-    spacing_mm: [8, 8, 8]
-    num_inference_steps: 1
-    qc: {{organ_hu_check: false, max_retries: 0}}
-runtime: {{batch_size: {batch}, max_workers: 1, generator: "sleep:0"{extra}}}
-"""
-
-
 def make_spec(root: str, cases: int, batch: int, seed: int = 1, generation_batch: int | None = None):
-    from factory.spec import parse_spec
+    from bench_orchestration import stub_spec
 
     extra = "" if generation_batch is None else f", generation_batch: {generation_batch}"
-    return parse_spec(SPEC.format(root=root, cases=cases, batch=batch, seed=seed, extra=extra))
-
-
-def has_generation_batch() -> bool:
-    """Whether this checkout's spec has ``runtime.generation_batch`` (cases per generation task)."""
-    from factory.spec import Runtime
-
-    return "generation_batch" in Runtime.model_fields
+    return stub_spec(root, name="scale", cases=cases, seed=seed,
+                     runtime=f'batch_size: {batch}, max_workers: 1, generator: "sleep:0"{extra}')
 
 
 def cases_on_s3(s3: CountingS3, cases: int, batch: int) -> dict:
@@ -603,7 +579,7 @@ def flow_costs(tmp: Path, sizes: list[int], batch: int, repeat: int, generation_
                          task_runs_per_case=(b["task_runs"] - a["task_runs"]) / dk,
                          states_per_case=(b["task_run_states"] - a["task_run_states"]) / dk,
                          events_per_case=(b["events"] - a["events"]) / dk))
-    if generation_batch > 1 and has_generation_batch():
+    if generation_batch > 1:
         k, base = sizes[-1], rows[len(sizes) - 1]
         flow_s, flow_cpu = timed_flow(k, generation_batch)
         rows.append(emit(bench="flow-generation-batch", cases=k, batch=batch, generation_batch=generation_batch,
