@@ -35,6 +35,16 @@ def _fast_image_distance(monkeypatch):
     monkeypatch.setattr("factory.validate.DEFAULT_IMAGE_DISTANCE", "fallback")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's training tests, restored afterwards: on a busy shared CPU two OpenMP
+    threads spin-wait and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     return tiny_components()

@@ -27,13 +27,7 @@ from maisi_core.training.data import (
 TINY_GRID = {"output_size_vox": (32, 32, 32), "spacing_xy_mm": (11.0, 13.0), "spacing_z_mm": (11.0, 13.0)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy shared CPU, two OpenMP threads spin-wait and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

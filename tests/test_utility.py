@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from maisi_core import io
 from maisi_core.anatomy.intensity import synthesize_ct
@@ -59,13 +58,7 @@ def phantom_case(seed: int, prefix: str) -> LabeledCase:
     return LabeledCase(f"{prefix}{seed:03d}", hu, phantom.label_map, affine_from_spacing(SPACING, SIZE))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Train on one thread (the machine is shared); restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # training on a shared machine
 
 
 @pytest.fixture(scope="module")
