@@ -358,11 +358,12 @@ class Catalog:
                 return None
 
     def optimize(self, *, z_order: Sequence[str] = ZORDER_COLUMNS,
-                 row_group_rows: int = OPTIMIZE_ROW_GROUP_ROWS) -> dict[str, Any]:
+                 row_group_rows: int = OPTIMIZE_ROW_GROUP_ROWS, checkpoint: bool = False) -> dict[str, Any]:
         """Rewrite the ``samples`` files clustered on ``z_order`` (one new version, same rows).
 
         Many small commits leave many small files; this compacts them and lets filtered queries
-        skip row groups by their statistics. Older versions stay readable until vacuumed.
+        skip row groups by their statistics. Older versions stay readable until vacuumed. With
+        ``checkpoint``, a checkpoint of the result follows (as :meth:`compact` writes one).
 
         Returns:
             delta-rs optimize metrics (files added and removed, ...).
@@ -372,6 +373,9 @@ class Catalog:
             list(z_order), writer_properties=WriterProperties(max_row_group_size=row_group_rows),
             commit_properties=CommitProperties(custom_metadata={"ctfactory.operation": "optimize"}),
         )
+        if checkpoint:
+            table.update_incremental()
+            table.create_checkpoint()
         logger.info("optimize: %s", metrics)
         return metrics
 

@@ -159,9 +159,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             raise CatalogReadError(f"catalog optimize expects a catalog with a samples table, but got root="
                                    f"{args.root!r} without one. Run a spec into it first.")
         before = cat.version
-        metrics = cat.optimize() if args.z_order else cat.compact()
-        if args.z_order:
-            cat.delta_table("samples").create_checkpoint()
+        metrics = cat.optimize(checkpoint=True) if args.z_order else cat.compact()
         after = cat.version
     what = "z-ordered" if args.z_order else "compacted"
     if after == before:
